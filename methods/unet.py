@@ -1,0 +1,70 @@
+"""The shared denoising UNet (ADM / guided-diffusion style), built on diffusers' UNet2DModel.
+
+Width, depth, attention resolutions and input channels are configurable so one builder
+serves every method: TransFusion (5 input channels: x_t, previous mask, positional
+encoding), DiffusionAD and MDPS (3-channel ε-prediction), DRDC (3 + 3 channels for the
+model condition I_in).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+
+def attention_levels(image_size: int, channel_mult: tuple[int, ...], attention_resolutions: tuple[int, ...]) -> list[bool]:
+    """Per UNet level, whether it has self-attention. Level i works at image_size / 2^i
+    pixels; attention is placed where that resolution is listed (guided-diffusion's
+    ``attention_resolutions`` given in pixels rather than downsample factors)."""
+    return [image_size // 2**i in attention_resolutions for i in range(len(channel_mult))]
+
+
+class UNet(nn.Module):
+    """ε-style UNet: ``forward(x [B, in, H, W], t [B]) -> [B, out, H, W]``.
+
+    Each level has ``layers_per_block`` residual blocks (+ attention where asked); levels
+    are separated by 2x down/up-sampling; the middle block always has attention, as in
+    ADM. ``head_channels`` is the width of each attention head (ADM's
+    ``num_head_channels``). H and W must be divisible by 2^(len(channel_mult) - 1).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        base_channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2, 2),
+        layers_per_block: int = 2,
+        attention_resolutions: tuple[int, ...] = (32, 16, 8),
+        head_channels: int = 64,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        channels = tuple(base_channels * m for m in channel_mult)
+        if any(c % norm_groups for c in channels):
+            raise ValueError(f"UNet widths {channels} must be divisible by norm_groups={norm_groups}")
+        attn = attention_levels(image_size, channel_mult, attention_resolutions)
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.net = UNet2DModel(
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            block_out_channels=channels,
+            layers_per_block=layers_per_block,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            attention_head_dim=min(head_channels, min(channels)),
+            norm_num_groups=norm_groups,
+            dropout=dropout,
+            time_embedding_type="positional",
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
+            raise ValueError(f"UNet input {tuple(x.shape[-2:])} must be divisible by {self.downsample_factor}")
+        return self.net(x, t).sample
