@@ -1,0 +1,211 @@
+"""Configuration: Hydra-style ``key=value`` overrides composed with OmegaConf.
+
+Two layers, one grammar:
+
+* :class:`Settings` — everything that is not a method's own field (dataset, data paths,
+  categories, scale, trial resources, tracking, ...). ``data.root=...``,
+  ``trial.workers=2`` and so on address it.
+* the method config — the frozen dataclass of ``methods/<name>.py``; its fields are
+  addressed as ``method.<field>=...``. It is resolved from the paper defaults, then the
+  scale preset (``scale=smoke|paper``), then a search space's ``fixed`` block, then the
+  command line, then the trial's axis values.
+
+Every unknown key, ill-typed value or invalid combination raises :class:`ConfigError`
+with a one-line message listing what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from methods import METHODS, get_method
+from methods.base import field_docs
+from orchestrator.errors import ConfigError
+
+SCALES = ("smoke", "paper")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DIFFAD_CACHE", str(Path.home() / ".cache" / "diffad_orchestrator"))
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # dataset root folder; None = the embedded synthetic data
+    cache_dir: str = field(default_factory=default_cache_dir)  # preprocessed arrays, synthetic data
+    val_fraction: float = 0.2  # share of train/good held out for the validation split
+    foreground: str = "auto"  # foreground masks for anomaly synthesis: auto | on | off
+    textures: Optional[str] = None  # folder of anomaly-appearance images (e.g. DTD); None = offline sources
+
+
+@dataclass
+class TrialConfig:
+    cpus: float = 1.0  # CPUs per Ray Train worker
+    gpus: float = 0.0  # GPUs per Ray Train worker
+    workers: int = 1  # Ray Train workers (DDP ranks) per trial
+
+
+@dataclass
+class Settings:
+    ablation: Optional[str] = None  # search space name (search_spaces/<name>.yaml)
+    method: str = "transfusion"  # method name (set by the search space)
+    dataset: str = "synthetic"  # dataset registry name
+    data: DataConfig = field(default_factory=DataConfig)
+    categories: Optional[list[str]] = None  # None = the search space's, else all of the dataset
+    scale: Optional[str] = None  # smoke | paper; None = the search space's
+    seed: int = 0  # seeds data split, training and prediction
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    max_concurrent: int = 2  # trials running at once
+    num_samples: Optional[int] = None  # override the search space's number of samples
+    max_failures: int = 1  # retries of a failed trial (Tune) and of a failed worker group (Train)
+    resume: bool = False  # finish an interrupted sweep (Tuner.restore)
+    retrain: bool = False  # train even when a stored model for the training config exists
+    tracking_uri: Optional[str] = None  # MLflow store; default $MLFLOW_TRACKING_URI or ./mlflow.db
+    storage_path: str = "ray_results"  # Ray Tune/Train storage and the model store (shared on clusters)
+    eval_every: int = 0  # epochs between validation reports during training (0 = epochs // 4)
+    eval_batch_size: int = 16  # images per predict() call
+    latency_images: int = 4  # images timed one at a time for batch-1 latency
+    sample_maps: int = 4  # anomaly-map PNGs logged per trial
+    help: bool = False  # print the ablations and keys, then exit
+
+
+def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``key=value`` tokens into (settings dotlist dict, method field dict).
+
+    Values use OmegaConf's grammar (``categories=[a,b]``, ``data.root=/x``, ``resume=true``).
+    """
+    settings: dict[str, Any] = {}
+    method: dict[str, Any] = {}
+    for token in tokens:
+        if token in ("--help", "-h", "help"):
+            settings["help"] = True
+            continue
+        if "=" not in token:
+            raise ConfigError(f"bad argument {token!r}: expected key=value (e.g. ablation=transfusion_steps, method.steps=10)")
+        key, _, _ = token.partition("=")
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([token]))
+        value = _leaf(parsed, key.split("."))
+        if key.startswith("method."):
+            method[key[len("method."):]] = value
+        else:
+            settings[key] = value
+    return settings, method
+
+
+def _leaf(tree: Any, path: list[str]) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def build_settings(values: dict[str, Any], base: dict[str, Any] | None = None) -> Settings:
+    """Settings from dotted keys (``data.root``) on top of ``base`` (e.g. a search space's defaults)."""
+    schema = OmegaConf.structured(Settings)
+    try:
+        merged = OmegaConf.merge(schema, base or {})
+        for key, value in values.items():
+            OmegaConf.update(merged, key, value, merge=True, force_add=False)
+            _check_known(schema, key)
+        settings: Settings = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc, valid=_settings_keys())) from None
+    if settings.scale is not None and settings.scale not in SCALES:
+        raise ConfigError(f"unknown scale {settings.scale!r}; valid: {', '.join(SCALES)}")
+    if settings.method not in METHODS:
+        raise ConfigError(f"unknown method {settings.method!r}; valid: {', '.join(sorted(METHODS))}")
+    if settings.data.foreground not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown data.foreground {settings.data.foreground!r}; valid: auto, on, off")
+    if settings.trial.workers < 1:
+        raise ConfigError(f"trial.workers must be >= 1, got {settings.trial.workers}")
+    return settings
+
+
+def _check_known(schema: Any, key: str) -> None:
+    if OmegaConf.select(schema, key, throw_on_missing=False, default="__missing__") == "__missing__" and key not in _settings_keys():
+        raise ConfigError(f"unknown key {key!r}; valid: {', '.join(_settings_keys())}, method.<field>")
+
+
+def _settings_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(Settings):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def resolve_method_config(name: str, scale: str, *layers: dict[str, Any]) -> Any:
+    """The method's frozen config: paper defaults <- PRESETS[scale] <- each layer in order."""
+    cls = get_method(name)
+    if scale not in cls.PRESETS:
+        raise ConfigError(f"method {name} has no preset for scale {scale!r}; valid: {', '.join(cls.PRESETS)}")
+    config_class = cls.Config
+    valid = sorted(field_docs(config_class))
+    merged = OmegaConf.structured(config_class)
+    try:
+        for layer in (cls.PRESETS[scale], *layers):
+            for key, value in layer.items():
+                if key not in valid:
+                    raise ConfigError(f"unknown key 'method.{key}' for {name}; valid: {', '.join('method.' + v for v in valid)}")
+                merged = OmegaConf.merge(merged, {key: value})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{name}: " + _omegaconf_message(exc, valid=[f"method.{v}" for v in valid])) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid {name} config: {exc}") from None
+
+
+def _omegaconf_message(exc: OmegaConfBaseException, valid: list[str]) -> str:
+    first = str(exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    if "not in" in first or "Key" in first and "not" in first:
+        return f"unknown key {key!r}; valid: {', '.join(valid)}"
+    return f"bad value for {key!r}: {first}"
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-able view of a (method or settings) dataclass: enums as values, tuples as lists."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Enum):
+            return v.value
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(config)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (MLflow params, report columns)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def describe_method_fields(name: str) -> list[str]:
+    """Help lines: method.<field> (train|infer): doc."""
+    cls = get_method(name)
+    lines = []
+    for field_name, (affects_training, doc) in field_docs(cls.Config).items():
+        kind = "train" if affects_training else "infer"
+        lines.append(f"  method.{field_name} [{kind}]  {doc}")
+    return lines
