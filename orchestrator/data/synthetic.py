@@ -1,0 +1,196 @@
+"""The embedded `synthetic` dataset: generated deterministically into the cache on first use.
+
+Three categories in the MVTec AD layout, 128 px PNGs, exact ground-truth masks:
+
+* ``brick``  (texture) — crops of scikit-image's real brick-wall photo, tinted;
+  defects: crack, stain, hole.
+* ``gravel`` (texture) — crops of scikit-image's real gravel photo, tinted;
+  defects: scratch, stain, missing (a patch replaced by a flat filler).
+* ``washer`` (object)  — a coloured ring on a uniform, noisy background with pose
+  jitter; defects: scratch, spot, missing_piece (a wedge of the ring gone).
+
+Defects are drawn through a mask, then the image is changed only inside it, so the mask
+is exact. Sizes are chosen to be visible but not trivial (a mean-intensity detector is
+not perfect).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+from skimage import draw
+
+log = logging.getLogger(__name__)
+
+VERSION = "v1"
+SIZE = 128
+N_TRAIN = 100
+N_TEST_GOOD = 24
+N_TEST_PER_DEFECT = 12
+CATEGORIES = {"brick": ("crack", "stain", "hole"), "gravel": ("scratch", "stain", "missing"), "washer": ("scratch", "spot", "missing_piece")}
+TEXTURES = frozenset({"brick", "gravel"})
+
+
+def dataset_root(cache_dir: Path, seed: int) -> Path:
+    return Path(cache_dir) / "synthetic" / f"{VERSION}-seed{seed}"
+
+
+# ---------------------------------------------------------------------------- normal images
+
+
+def _texture_sample(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A 256-px crop of a grayscale photo, resized to SIZE, tinted: float [H, W, 3] in [0, 1]."""
+    top, left = rng.integers(0, photo.shape[0] - 256), rng.integers(0, photo.shape[1] - 256)
+    crop = Image.fromarray(photo[top : top + 256, left : left + 256]).resize((SIZE, SIZE), Image.BILINEAR)
+    grey = np.asarray(crop, dtype=np.float64) / 255
+    tint = np.array([0.85, 0.55, 0.4]) + rng.normal(0, 0.03, 3)  # a warm, slightly varying colour
+    brightness = rng.uniform(0.9, 1.1)
+    return np.clip(grey[..., None] * tint * brightness * 1.3, 0, 1)
+
+
+def _washer(rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """A ring on a uniform background: float image and its geometry (cy, cx, r_in, r_out)."""
+    image = np.full((SIZE, SIZE, 3), 0.18) + rng.normal(0, 0.015, (SIZE, SIZE, 3))
+    cy, cx = SIZE / 2 + rng.uniform(-6, 6, 2)
+    r_out, r_in = 42 + rng.uniform(-2, 2), 18 + rng.uniform(-1.5, 1.5)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    dist = np.hypot(yy - cy, xx - cx)
+    ring = (dist <= r_out) & (dist >= r_in)
+    base = np.array([0.75, 0.68, 0.35]) + rng.normal(0, 0.02, 3)
+    shade = 1 - 0.25 * (dist - r_in) / (r_out - r_in)  # radial shading like a bevel
+    metal = base * shade[..., None] + rng.normal(0, 0.02, (SIZE, SIZE, 3))
+    image[ring] = metal[ring]
+    return np.clip(image, 0, 1), (cy, cx, r_in, r_out)
+
+
+# ---------------------------------------------------------------------------- defect masks
+
+
+def _stroke(rng: np.random.Generator, width: float, length: float, wiggle: float, region: np.ndarray | None = None) -> np.ndarray:
+    """A thick random-walk stroke (crack/scratch) as a boolean mask, inside ``region`` if given."""
+    mask = np.zeros((SIZE, SIZE), bool)
+    for _ in range(20):
+        y, x = rng.uniform(20, SIZE - 20, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        for _ in range(int(length)):
+            angle += rng.normal(0, wiggle)
+            y, x = y + np.sin(angle), x + np.cos(angle)
+            rr, cc = draw.disk((y, x), width / 2, shape=mask.shape)
+            mask[rr, cc] = True
+        if region is not None:
+            mask &= region
+        if mask.sum() >= 20:
+            return mask
+        mask[:] = False
+    raise RuntimeError("could not place a stroke defect")  # internal: regions are large enough
+
+
+def _blob(rng: np.random.Generator, radius: tuple[float, float], region: np.ndarray | None = None) -> np.ndarray:
+    for _ in range(50):
+        cy, cx = rng.uniform(16, SIZE - 16, 2)
+        ry, rx = rng.uniform(*radius, 2)
+        rr, cc = draw.ellipse(cy, cx, ry, rx, shape=(SIZE, SIZE), rotation=rng.uniform(0, np.pi))
+        mask = np.zeros((SIZE, SIZE), bool)
+        mask[rr, cc] = True
+        if region is not None:
+            if (mask & ~region).any():
+                continue
+        return mask
+    raise RuntimeError("could not place a blob defect")
+
+
+def _apply(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    out = image.copy()
+    noise = rng.normal(0, 0.03, image.shape)
+    out[mask] = (1 - alpha) * image[mask] + alpha * (colour + noise[mask])
+    return np.clip(out, 0, 1)
+
+
+def _defect(category: str, defect: str, image: np.ndarray, geometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    region = None
+    if category == "washer":
+        cy, cx, r_in, r_out = geometry
+        yy, xx = np.mgrid[:SIZE, :SIZE]
+        dist = np.hypot(yy - cy, xx - cx)
+        region = (dist <= r_out - 1) & (dist >= r_in + 1)
+    if defect in ("crack", "scratch"):
+        dark = defect == "crack"
+        mask = _stroke(rng, width=rng.uniform(2.0, 3.5), length=rng.uniform(30, 60), wiggle=0.25 if dark else 0.05, region=region)
+        colour = np.full(3, 0.08) if dark else np.full(3, 0.92)
+        return _apply(image, mask, colour, rng.uniform(0.6, 0.85), rng), mask
+    if defect in ("stain", "spot"):
+        mask = _blob(rng, (4, 9) if defect == "spot" else (6, 12), region)
+        colour = rng.choice([np.array([0.2, 0.45, 0.2]), np.array([0.15, 0.25, 0.55]), np.array([0.55, 0.15, 0.15])])
+        return _apply(image, mask, colour, rng.uniform(0.45, 0.75), rng), mask
+    if defect == "hole":
+        mask = _blob(rng, (4, 8), region)
+        return _apply(image, mask, np.full(3, 0.03), 0.9, rng), mask
+    if defect == "missing":
+        mask = _blob(rng, (7, 13), region)
+        filler = image.reshape(-1, 3).mean(0)
+        return _apply(image, mask, filler, 0.95, rng), mask
+    if defect == "missing_piece":
+        cy, cx, r_in, r_out = geometry
+        yy, xx = np.mgrid[:SIZE, :SIZE]
+        theta = np.arctan2(yy - cy, xx - cx)
+        start, width = rng.uniform(-np.pi, np.pi), rng.uniform(0.35, 0.7)
+        wedge = np.angle(np.exp(1j * (theta - start))) % (2 * np.pi) < width
+        mask = wedge & (np.hypot(yy - cy, xx - cx) <= r_out + 0.5) & (np.hypot(yy - cy, xx - cx) >= r_in - 0.5)
+        background = np.full(3, 0.18) + rng.normal(0, 0.015, (SIZE, SIZE, 3))
+        out = image.copy()
+        out[mask] = background[mask]
+        return np.clip(out, 0, 1), mask
+    raise ValueError(f"unknown defect {defect!r}")  # internal: CATEGORIES lists the valid ones
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def _normal(category: str, rng: np.random.Generator, photos: dict[str, np.ndarray]):
+    if category == "washer":
+        return _washer(rng)
+    return _texture_sample(photos[category], rng), None
+
+
+def _save(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def generate(root: Path, seed: int) -> Path:
+    """Write the dataset under ``root`` (atomically: a temp folder renamed at the end)."""
+    if (root / ".complete").exists():
+        return root
+    tmp = root.with_name(root.name + f".tmp{np.random.SeedSequence().entropy % 10**8}")
+    photos = {"brick": skdata.brick(), "gravel": skdata.gravel()}
+    for index, (category, defects) in enumerate(CATEGORIES.items()):
+        rng = np.random.default_rng([seed, index])
+        for i in range(N_TRAIN):
+            _save(tmp / category / "train" / "good" / f"{i:03d}.png", _normal(category, rng, photos)[0])
+        for i in range(N_TEST_GOOD):
+            _save(tmp / category / "test" / "good" / f"{i:03d}.png", _normal(category, rng, photos)[0])
+        for defect in defects:
+            for i in range(N_TEST_PER_DEFECT):
+                image, geometry = _normal(category, rng, photos)
+                image, mask = _defect(category, defect, image, geometry, rng)
+                _save(tmp / category / "test" / defect / f"{i:03d}.png", image)
+                Image.fromarray(mask.astype(np.uint8) * 255).save(_mkdir(tmp / category / "ground_truth" / defect) / f"{i:03d}_mask.png")
+    (tmp / ".complete").write_text(VERSION)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("generated the synthetic dataset in %s", root)
+    return root
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
