@@ -42,7 +42,7 @@ def settings_for(space: spaces.SearchSpace, values: dict[str, Any]) -> Settings:
 def resolve_categories(settings: Settings) -> list[str]:
     from orchestrator.data import list_categories
 
-    found = list_categories(settings.dataset, settings.data.root)
+    found = list_categories(settings.dataset, settings.data.root, settings.data.cache_dir)
     if not settings.categories:
         return found
     unknown = [c for c in settings.categories if c not in found]
@@ -120,7 +120,8 @@ def run(tokens: list[str]) -> dict[str, Any]:
     from orchestrator.data import texture_bank
 
     datas = training.load_data(settings.dataset, categories, default_config, root=settings.data.root, cache_dir=settings.data.cache_dir,
-                               val_fraction=settings.data.val_fraction, seed=settings.seed, foreground=settings.data.foreground)
+                               val_fraction=settings.data.val_fraction, seed=settings.seed, foreground=settings.data.foreground,
+                               textures=settings.data.textures)
     texture_bank(datas[0].train_images.shape[-1], cache_dir=settings.data.cache_dir, source=settings.data.textures)
 
     from orchestrator import report, tracking

@@ -55,18 +55,20 @@ def load_data(
     val_fraction: float,
     seed: int,
     foreground: str = "auto",
+    textures: str | Path | None = None,
 ) -> list[CategoryData]:
     preprocess = preprocess_of(method_config)
     return [
-        load_category(dataset, c, preprocess, root=root, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, foreground=foreground)
+        load_category(dataset, c, preprocess, root=root, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed,
+                      foreground=foreground, textures=textures)
         for c in categories
     ]
 
 
 def training_data(datas: Sequence[CategoryData], textures: torch.Tensor) -> TrainingData:
     return TrainingData(
-        images=torch.cat([torch.from_numpy(np.ascontiguousarray(d.train_images)) for d in datas]),
-        foreground=torch.cat([torch.from_numpy(np.ascontiguousarray(d.train_foreground)) for d in datas]),
+        images=torch.cat([torch.from_numpy(np.array(d.train_images)) for d in datas]),
+        foreground=torch.cat([torch.from_numpy(np.array(d.train_foreground)) for d in datas]),
         category=torch.cat([torch.full((len(d.train_images),), i, dtype=torch.long) for i, d in enumerate(datas)]),
         textures=textures,
     )

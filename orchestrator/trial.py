@@ -112,7 +112,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     torch.manual_seed(seed + rank)
     datas = training.load_data(settings.dataset, categories, method_config, root=settings.data.root, cache_dir=settings.data.cache_dir,
-                               val_fraction=settings.data.val_fraction, seed=seed, foreground=settings.data.foreground)
+                               val_fraction=settings.data.val_fraction, seed=seed, foreground=settings.data.foreground,
+                               textures=settings.data.textures)
     textures = texture_bank(datas[0].train_images.shape[-1], cache_dir=settings.data.cache_dir, source=settings.data.textures)
     data = training.training_data(datas, textures)
 
@@ -224,7 +225,7 @@ def evaluate_model(spec: TrialSpec, method_config: Any, categories: list[str], k
     model.load_state_dict(state)
     model.to(device).eval()
     datas = training.load_data(s.dataset, categories, method_config, root=s.data.root, cache_dir=s.data.cache_dir,
-                               val_fraction=s.data.val_fraction, seed=s.seed, foreground=s.data.foreground)
+                               val_fraction=s.data.val_fraction, seed=s.seed, foreground=s.data.foreground, textures=s.data.textures)
     out: dict[str, Any] = {"categories": {}, "artifacts": [], "train_seconds": meta.get("train_seconds", 0.0)}
     artifact_dir = Path(spec.artifact_dir) / trial_id
     for index, d in enumerate(datas):

@@ -1,11 +1,14 @@
-"""Dataset registry and the cached, preprocessed view every trial uses.
+"""Datasets: registry, preprocessing cache and validation split.
 
-    list_categories(dataset, root)                  -> category names
-    load_category(dataset, category, preprocess, root=..., cache_dir=...) -> CategoryData
-    texture_bank(size, cache_dir=..., source=None)  -> anomaly-appearance images
+    list_categories(dataset, root, cache_dir=None)                          -> category names
+    load_category(dataset, category, preprocess, root=..., cache_dir=...)   -> CategoryData
+    texture_bank(size, cache_dir=..., source=None)                          -> anomaly-appearance images
+    to_unit_range(uint8 images)                                             -> float32 tensor in [-1, 1]
 
-Datasets are adapters onto the MVTec AD layout (orchestrator/data/layout.py). The
-``synthetic`` dataset is generated into the cache on first use and is the default.
+Every dataset is an adapter onto the MVTec AD layout (orchestrator/data/mvtec.py,
+orchestrator/data/registry.py). ``synthetic`` is generated into the cache on first use
+and is the default. The first ``load_category`` of a key decodes the images and writes
+.npy arrays; every later one only memory-maps them.
 """
 
 from __future__ import annotations
@@ -13,60 +16,52 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from orchestrator.data import synthetic
-from orchestrator.data.cache import CategoryData, build, cache_folder, read_cached, write_cache
+from orchestrator.data.cache import (CategoryData, build_arrays, cache_folder, decode_category, read_cached,
+                                     validation_split, write_cache)
+from orchestrator.data.foreground import ForegroundMode
 from orchestrator.data.images import Preprocess, to_unit_range
-from orchestrator.data.layout import MVTecLayout
+from orchestrator.data.registry import DATASETS, DatasetAdapter, get_adapter
 from orchestrator.data.textures import texture_bank
-from orchestrator.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-DATASETS = {
-    "mvtec_ad": MVTecLayout("mvtec_ad"),
-    "mpdd": MVTecLayout("mpdd", textures=frozenset()),
-    "synthetic": MVTecLayout("synthetic", textures=synthetic.TEXTURES),
-}
-
-__all__ = ["DATASETS", "CategoryData", "Preprocess", "list_categories", "load_category", "texture_bank", "to_unit_range"]
-
-
-def adapter(dataset: str):
-    if dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(DATASETS))}")
-    return DATASETS[dataset]
-
-
-def resolve_root(dataset: str, root: str | Path | None, cache_dir: str | Path | None = None, seed: int = 0) -> Path | None:
-    """The folder to read; the synthetic dataset is generated on first use when no root is given."""
-    if root is not None:
-        return Path(root).expanduser()
-    if dataset == "synthetic":
-        from orchestrator.config import default_cache_dir
-
-        return synthetic.generate(synthetic.dataset_root(Path(cache_dir or default_cache_dir()), seed=0), seed=0)
-    return None
+__all__ = ["DATASETS", "CategoryData", "DatasetAdapter", "ForegroundMode", "Preprocess", "list_categories",
+           "load_category", "texture_bank", "to_unit_range"]
 
 
 def list_categories(dataset: str, root: str | Path | None, cache_dir: str | Path | None = None) -> list[str]:
-    return adapter(dataset).categories(resolve_root(dataset, root, cache_dir))
+    """Category names of ``dataset`` under ``root`` (None: the dataset's default; for
+    ``synthetic`` that generates it under ``cache_dir``, or the default cache dir)."""
+    adapter = get_adapter(dataset)
+    return adapter.categories(adapter.resolve_root(root, cache_dir))
 
 
 def load_category(dataset: str, category: str, preprocess: Preprocess, *, root: str | Path | None = None,
                   cache_dir: str | Path, val_fraction: float = 0.2, seed: int = 0, foreground: str = "auto",
                   textures: str | Path | None = None) -> CategoryData:
-    """The preprocessed category, decoded on the first call and read from the cache after.
-    ``textures`` is the anomaly-appearance source of the validation anomalies (None = offline)."""
-    layout = adapter(dataset)
-    folder_root = resolve_root(dataset, root, cache_dir)
-    folder = cache_folder(Path(cache_dir), dataset, folder_root, category, preprocess, val_fraction, seed, foreground, textures)
+    """The preprocessed category with its validation split, decoded on the first call and
+    read (memory-mapped) from the cache after.
+
+    foreground: "auto" (the dataset's object categories get estimated foreground masks,
+    textures all ones), "on" or "off" (force). textures: the folder the validation
+    anomalies' appearances come from (None: offline sources; see :func:`texture_bank`).
+    """
+    adapter = get_adapter(dataset)
+    mode = ForegroundMode.parse(foreground)
+    folder_root = adapter.resolve_root(root, cache_dir)
+    folder = cache_folder(cache_dir, dataset, folder_root, category, preprocess, val_fraction, seed, mode.value, textures)
     cached = read_cached(folder, dataset, category)
     if cached is not None:
         return cached
-    files = layout.scan(folder_root, category)
-    is_object = {"auto": not layout.is_texture(category), "on": True, "off": False}[foreground]
+
+    files = adapter.scan(folder_root, category)
+    is_object = mode is ForegroundMode.ON or (mode is ForegroundMode.AUTO and not adapter.is_texture(category))
+    label = f"{dataset}/{category}"
+    log.info("preparing %s at %s: %d train, %d test images (cached in %s)", label, preprocess.tag(), len(files.train), len(files.test), folder)
+    decoded = decode_category(files, preprocess, label)
     bank = texture_bank(preprocess.output_size, cache_dir=cache_dir, source=textures)
-    log.info("preparing %s/%s at %s (cached in %s)", dataset, category, preprocess.tag(), folder)
-    arrays = build(files, preprocess, is_object, val_fraction, seed, bank, f"{dataset}/{category}")
-    write_cache(folder, arrays, [item.defect for item in files.test])
-    return read_cached(folder, dataset, category)
+    split = validation_split(decoded.train_images, val_fraction, seed, is_object, bank, label)
+    write_cache(folder, build_arrays(decoded, split, is_object), decoded.test_defect_types)
+    result = read_cached(folder, dataset, category)
+    assert result is not None, f"cache {folder} unreadable right after writing it"
+    return result

@@ -1,9 +1,11 @@
 """Decode a category once, cache it as .npy, and build its validation split.
 
-Cache key = (dataset, absolute root, category, preprocessing, val_fraction, seed,
-foreground mode, format version). Arrays are written to a temporary file and renamed,
-so concurrent preparers never expose half a file; the second call of a trial only
-memory-maps .npy files and never decodes an image.
+Cache key = (format version, dataset, absolute root, category, preprocessing,
+val_fraction, seed, foreground mode, texture source). A category is written into a
+temporary folder that is renamed into place when complete, so two processes preparing
+the same category at once cannot expose a half-written cache (the loser of the rename
+discards its copy; both copies are identical, being seeded). Every later call only
+memory-maps the .npy files: no image is decoded again.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,23 +24,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from orchestrator.data.images import Preprocess, image_size_of, load_image, load_mask, to_unit_range
+from orchestrator.data.foreground import foreground_masks
+from orchestrator.data.images import Preprocess, load_image, load_mask, to_unit_range
+from orchestrator.data.mvtec import CategoryFiles
+from orchestrator.errors import DatasetError
 
 log = logging.getLogger(__name__)
-FORMAT = 1
-# Validation anomalies: visible but not always opaque (a stand-in for real defects that
-# are sometimes subtle); Perlin settings as in training.
+
+FORMAT = 2  # bump when what is cached (or how it is computed) changes
+# Validation anomalies use opacity β ~ U[0.5, 1]: visible like most real defects, but not
+# always opaque, so validation also rewards finding faint ones (TransFusion trains with
+# opaque anomalies, DiffusionAD with β ~ U[0.2, 0.8)); one fixed choice for every method
+# keeps validation scores comparable across methods.
 VAL_OPACITY = (0.5, 1.0)
+MIN_ANOMALY_FRACTION = 1 / 1024  # a synthetic anomaly covering less of the image (16 px at 128²) is drawn again
 ARRAYS = ("train_images", "train_foreground", "val_images", "val_masks", "val_labels", "test_images", "test_masks", "test_labels")
 
 
 @dataclass
 class CategoryData:
+    """One category, preprocessed, as (memory-mapped) numpy arrays; H = W = the
+    preprocessing's output size. Convert images with :func:`to_unit_range`."""
+
     dataset: str
     category: str
     train_images: np.ndarray  # uint8 [N, 3, H, W] normal training images (validation normals removed)
     train_foreground: np.ndarray  # uint8 {0,1} [N, 1, H, W]
-    val_images: np.ndarray  # uint8 [V, 3, H, W] held-out normals + synthetic anomalies made from them
+    val_images: np.ndarray  # uint8 [V, 3, H, W] held-out normals, then synthetic anomalies made from them
     val_masks: np.ndarray  # uint8 {0,1} [V, H, W]
     val_labels: np.ndarray  # int64 {0,1} [V]
     test_images: np.ndarray  # uint8 [M, 3, H, W]
@@ -45,97 +59,174 @@ class CategoryData:
     test_defect_types: list[str]  # "good" or the defect folder name, per test image
 
 
-def atomic_save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
+@dataclass
+class ValidationSplit:
+    train_images: np.ndarray  # uint8 [N - n_val, 3, H, W] the normals left for training
+    val_images: np.ndarray  # uint8 [2 n_val, 3, H, W] held-out normals, then their anomalous copies
+    val_masks: np.ndarray  # uint8 {0,1} [2 n_val, H, W]
+    val_labels: np.ndarray  # int64 {0,1} [2 n_val]
+    val_source: np.ndarray  # int64 [n_val] index into the full training set of each held-out normal
 
 
-def cache_folder(cache_dir: Path, dataset: str, root: Path | None, category: str, preprocess: Preprocess,
+def category_salt(category: str) -> int:
+    """Stable per-category number, so categories sharing a seed get different draws."""
+    return zlib.crc32(category.encode())
+
+
+def cache_folder(cache_dir: str | Path, dataset: str, root: Path, category: str, preprocess: Preprocess,
                  val_fraction: float, seed: int, foreground: str, textures: str | Path | None = None) -> Path:
+    """Where a category's arrays live for this key (see the module docstring)."""
     source = str(Path(textures).expanduser().resolve()) if textures else None
-    ident = json.dumps([FORMAT, dataset, str(root.resolve()) if root else None, category, preprocess.tag(), val_fraction, seed, foreground, source])
+    ident = json.dumps([FORMAT, dataset, str(Path(root).resolve()), category, preprocess.tag(), float(val_fraction), int(seed), foreground, source])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return Path(cache_dir) / "arrays" / dataset / category / f"{preprocess.tag()}-{digest}"
 
 
+def atomic_save(path: Path, array: np.ndarray) -> None:
+    """np.save through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_cached(folder: Path, dataset: str, category: str) -> CategoryData | None:
-    meta = folder / "meta.json"
-    if not meta.exists():
+    """The cached category, or None when absent or unreadable (then it is rebuilt)."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
         return None
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-    defects = json.loads(meta.read_text())["test_defect_types"]
-    return CategoryData(dataset, category, **arrays, test_defect_types=defects)
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')} != {FORMAT}")
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        if len(meta["test_defect_types"]) != len(arrays["test_images"]):
+            raise ValueError("test_defect_types does not match test_images")
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("ignoring unreadable cache %s (%s); rebuilding it", folder, exc)
+        return None
+    return CategoryData(dataset, category, **arrays, test_defect_types=list(meta["test_defect_types"]))
 
 
-def build(files, preprocess: Preprocess, is_object: bool, val_fraction: float, seed: int, textures: torch.Tensor, label: str) -> dict:
-    """Decode every file of a category and make its validation split."""
-    from orchestrator.data.foreground import foreground_masks
+def write_cache(folder: Path, arrays: dict[str, np.ndarray], defects: list[str]) -> None:
+    """Write every array and meta.json into a temporary sibling folder, then rename it to
+    ``folder``; if another process got there first, keep theirs."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name in ARRAYS:
+            np.save(tmp / f"{name}.npy", arrays[name])
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "test_defect_types": defects}))
+        if folder.exists() and read_cached(folder, "", "") is None:
+            shutil.rmtree(folder, ignore_errors=True)  # a broken cache from an older crash
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+            log.info("%s was prepared concurrently by another process; using that copy", folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    train = np.stack([load_image(p, preprocess) for p in tqdm(files.train, desc=f"decode {label} train", leave=False)])
-    test_images, test_masks = [], []
+
+@dataclass
+class DecodedCategory:
+    train_images: np.ndarray  # uint8 [N, 3, H, W]
+    test_images: np.ndarray  # uint8 [M, 3, H, W]
+    test_masks: np.ndarray  # uint8 {0,1} [M, H, W]
+    test_labels: np.ndarray  # int64 {0,1} [M]
+    test_defect_types: list[str]
+
+
+def decode_category(files: CategoryFiles, preprocess: Preprocess, label: str) -> DecodedCategory:
+    """Decode and preprocess every file of a category (the only image decoding)."""
     size = preprocess.output_size
+    train = [load_image(path, preprocess)[0] for path in tqdm(files.train, desc=f"decode {label} train", leave=False)]
+    test_images, test_masks = [], []
     for item in tqdm(files.test, desc=f"decode {label} test", leave=False):
-        test_images.append(load_image(item.image, preprocess))
-        if item.mask is None:
-            test_masks.append(np.zeros((size, size), np.uint8))
-        else:
-            test_masks.append(load_mask(item.mask, preprocess, image_size_of(item.image)))
-    labels = np.array([0 if item.defect == "good" else 1 for item in files.test], np.int64)
-
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = max(1, int(round(val_fraction * len(train)))) if val_fraction > 0 else 0
-    if n_val >= len(train):
-        from orchestrator.errors import DatasetError
-
-        raise DatasetError(f"{label}: only {len(train)} training images; data.val_fraction={val_fraction} leaves none for training")
-    val_normal, train_kept = train[np.sort(order[:n_val])], train[np.sort(order[n_val:])]
-    val_fg = foreground_masks(val_normal, is_object)
-    anomalous, masks = synthesize_validation_anomalies(val_normal, val_fg, textures, seed)
-    return {
-        "train_images": train_kept,
-        "train_foreground": foreground_masks(train_kept, is_object),
-        "val_images": np.concatenate([val_normal, anomalous]),
-        "val_masks": np.concatenate([np.zeros((n_val, size, size), np.uint8), masks]),
-        "val_labels": np.array([0] * n_val + [1] * n_val, np.int64),
-        "test_images": np.stack(test_images),
-        "test_masks": np.stack(test_masks),
-        "test_labels": labels,
-    }
+        image, original = load_image(item.image, preprocess)
+        test_images.append(image)
+        # Good images have no mask file: their mask is all zeros.
+        test_masks.append(np.zeros((size, size), np.uint8) if item.mask is None else load_mask(item.mask, preprocess, original, item.image))
+    return DecodedCategory(
+        train_images=np.stack(train),
+        test_images=np.stack(test_images),
+        test_masks=np.stack(test_masks),
+        test_labels=np.array([int(item.defect != "good") for item in files.test], np.int64),
+        test_defect_types=[item.defect for item in files.test],
+    )
 
 
-def synthesize_validation_anomalies(normals: np.ndarray, foreground: np.ndarray, textures: torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic anomaly per held-out normal (methods.anomaly_synthesis, seeded);
-    samples whose mask came out empty are drawn again."""
+def validation_split(train_images: np.ndarray, val_fraction: float, seed: int, is_object: bool,
+                     textures: torch.Tensor, label: str = "") -> ValidationSplit:
+    """Hold out ``val_fraction`` of the normal training images (seeded, at least one) and
+    add one synthetic anomaly made from each of them. Takes only training images, so the
+    validation split cannot depend on the test set."""
+    n = len(train_images)
+    if not 0 < val_fraction < 1:
+        raise DatasetError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, int(round(val_fraction * n)))
+    if n_val >= n:
+        raise DatasetError(f"{label}: {n} training image(s) and data.val_fraction={val_fraction} leave none for training; lower it or add images")
+    order = np.random.default_rng([seed, category_salt(label)]).permutation(n)
+    held, kept = np.sort(order[:n_val]), np.sort(order[n_val:])
+    normals = np.ascontiguousarray(train_images[held])
+    anomalous, masks = synthesize_validation_anomalies(normals, foreground_masks(normals, is_object), textures, seed, category_salt(label))
+    size = train_images.shape[-1]
+    return ValidationSplit(
+        train_images=np.ascontiguousarray(train_images[kept]),
+        val_images=np.concatenate([normals, anomalous]),
+        val_masks=np.concatenate([np.zeros((n_val, size, size), np.uint8), masks]),
+        val_labels=np.array([0] * n_val + [1] * n_val, np.int64),
+        val_source=held.astype(np.int64),
+    )
+
+
+def synthesize_validation_anomalies(normals: np.ndarray, foreground: np.ndarray, textures: torch.Tensor,
+                                    seed: int, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic anomaly per normal (``methods.anomaly_synthesis``, seeded):
+    uint8 images [V, 3, H, W] and uint8 {0,1} masks [V, H, W] (the returned masks > 0.5).
+    A sample whose mask came out empty (or nearly: < MIN_ANOMALY_FRACTION) is drawn again."""
     from methods.anomaly_synthesis import synthesize_anomalies
 
-    generator = torch.Generator().manual_seed(seed + 7919)
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, salt, 1]).generate_state(1)[0]))
     images = to_unit_range(normals)
     fg = torch.from_numpy(np.ascontiguousarray(foreground)).float()
-    out_images = torch.empty_like(images)
+    out_images = images.clone()
     out_masks = torch.zeros(len(images), 1, *images.shape[-2:])
+    min_pixels = max(1, int(MIN_ANOMALY_FRACTION * images.shape[-1] * images.shape[-2]))
     todo = torch.arange(len(images))
-    for _ in range(100):
+    for attempt in range(100):
+        # After a few failures widen the allowed region: a tiny foreground estimate
+        # (or none) must not stall the split.
+        region = fg[todo] if attempt < 20 else torch.ones_like(fg[todo])
         pick = torch.randint(0, len(textures), (len(todo),), generator=generator)
-        result = synthesize_anomalies(images[todo], textures[pick], fg[todo], generator, opacity=VAL_OPACITY)
-        ok = result.masks.flatten(1).sum(1) >= 16  # at least a few pixels
+        result = synthesize_anomalies(images[todo], textures[pick], region, generator, opacity=VAL_OPACITY)
+        ok = (result.masks > 0.5).flatten(1).sum(1) >= min_pixels
         out_images[todo[ok]], out_masks[todo[ok]] = result.images[ok], result.masks[ok]
         todo = todo[~ok]
         if len(todo) == 0:
             break
-    else:  # pathological foreground: fall back to the whole image as the allowed region
-        result = synthesize_anomalies(images[todo], textures[: len(todo)], torch.ones_like(fg[todo]), generator, opacity=VAL_OPACITY)
-        out_images[todo], out_masks[todo] = result.images, result.masks
+    else:
+        raise RuntimeError(f"could not synthesise a validation anomaly for {len(todo)} image(s) in 100 draws")
     uint8 = ((out_images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return uint8, (out_masks[:, 0] > 0.5).numpy().astype(np.uint8)
 
 
-def write_cache(folder: Path, arrays: dict, defects: list[str]) -> None:
-    for name in ARRAYS:
-        atomic_save(folder / f"{name}.npy", arrays[name])
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"test_defect_types": defects, "format": FORMAT}, handle)
-    os.replace(tmp, folder / "meta.json")  # written last: its presence marks a complete cache
+def build_arrays(decoded: DecodedCategory, split: ValidationSplit, is_object: bool) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_cache` stores, named as in :class:`CategoryData`."""
+    return {
+        "train_images": split.train_images,
+        "train_foreground": foreground_masks(split.train_images, is_object),
+        "val_images": split.val_images,
+        "val_masks": split.val_masks,
+        "val_labels": split.val_labels,
+        "test_images": decoded.test_images,
+        "test_masks": decoded.test_masks,
+        "test_labels": decoded.test_labels,
+    }

@@ -17,16 +17,23 @@ not perfect).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from skimage import data as skdata
 from skimage import draw
+
+from orchestrator.data.mvtec import MVTecLayout
+from orchestrator.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-VERSION = "v1"
+VERSION = "v2"  # part of the folder name: bump whenever generation changes
+SEED = 0  # the embedded dataset is one fixed dataset; a run's `seed` varies its split and training, not the data
 SIZE = 128
 N_TRAIN = 100
 N_TEST_GOOD = 24
@@ -35,7 +42,8 @@ CATEGORIES = {"brick": ("crack", "stain", "hole"), "gravel": ("scratch", "stain"
 TEXTURES = frozenset({"brick", "gravel"})
 
 
-def dataset_root(cache_dir: Path, seed: int) -> Path:
+def dataset_root(cache_dir: str | Path, seed: int = SEED) -> Path:
+    """``<cache_dir>/synthetic/<version>-seed<seed>``: where :func:`generate` writes."""
     return Path(cache_dir) / "synthetic" / f"{VERSION}-seed{seed}"
 
 
@@ -150,47 +158,94 @@ def _defect(category: str, defect: str, image: np.ndarray, geometry, rng: np.ran
 # ---------------------------------------------------------------------------- generation
 
 
-def _normal(category: str, rng: np.random.Generator, photos: dict[str, np.ndarray]):
+@dataclass
+class Sample:
+    normal: np.ndarray  # float [H, W, 3] in [0, 1]: the image before any defect
+    image: np.ndarray  # float [H, W, 3] in [0, 1]: with the defect (== normal for good samples)
+    mask: np.ndarray  # bool [H, W]: exactly the pixels the defect was drawn into
+
+
+def load_photos() -> dict[str, np.ndarray]:
+    """The real grayscale texture photographs the texture categories are cut from."""
+    from skimage import data as skdata
+
+    return {"brick": skdata.brick(), "gravel": skdata.gravel()}
+
+
+def make_sample(category: str, defect: str, rng: np.random.Generator, photos: dict[str, np.ndarray]) -> Sample:
+    """One image of ``category``; ``defect`` is "good" or one of CATEGORIES[category]."""
     if category == "washer":
-        return _washer(rng)
-    return _texture_sample(photos[category], rng), None
+        normal, geometry = _washer(rng)
+    else:
+        normal, geometry = _texture_sample(photos[category], rng), None
+    if defect == "good":
+        return Sample(normal, normal, np.zeros(normal.shape[:2], bool))
+    image, mask = _defect(category, defect, normal, geometry, rng)
+    return Sample(normal, image, mask)
 
 
-def _save(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def generate(root: Path, seed: int) -> Path:
-    """Write the dataset under ``root`` (atomically: a temp folder renamed at the end)."""
-    if (root / ".complete").exists():
+def _save_png(path: Path, array: np.ndarray) -> None:
+    # compress_level=1: encoding dominated generation time at the default level 6.
+    Image.fromarray(array).save(path, compress_level=1)
+
+
+def generate(root: Path, seed: int = SEED) -> Path:
+    """Write the dataset under ``root`` in the MVTec AD layout, unless already there.
+    Deterministic in ``seed`` (each category draws from its own generator). Written into
+    a temporary sibling folder renamed to ``root`` at the end, so concurrent callers
+    never see a partial dataset."""
+    root = Path(root)
+    if (root / ".complete").is_file():
         return root
-    tmp = root.with_name(root.name + f".tmp{np.random.SeedSequence().entropy % 10**8}")
-    photos = {"brick": skdata.brick(), "gravel": skdata.gravel()}
-    for index, (category, defects) in enumerate(CATEGORIES.items()):
-        rng = np.random.default_rng([seed, index])
-        for i in range(N_TRAIN):
-            _save(tmp / category / "train" / "good" / f"{i:03d}.png", _normal(category, rng, photos)[0])
-        for i in range(N_TEST_GOOD):
-            _save(tmp / category / "test" / "good" / f"{i:03d}.png", _normal(category, rng, photos)[0])
-        for defect in defects:
-            for i in range(N_TEST_PER_DEFECT):
-                image, geometry = _normal(category, rng, photos)
-                image, mask = _defect(category, defect, image, geometry, rng)
-                _save(tmp / category / "test" / defect / f"{i:03d}.png", image)
-                Image.fromarray(mask.astype(np.uint8) * 255).save(_mkdir(tmp / category / "ground_truth" / defect) / f"{i:03d}_mask.png")
-    (tmp / ".complete").write_text(VERSION)
+    if root.exists() and any(root.iterdir()):
+        raise DatasetError(f"{root} exists but is not a complete synthetic dataset (no .complete marker); delete that folder to regenerate it")
     root.parent.mkdir(parents=True, exist_ok=True)
+    log.info("generating the synthetic dataset (seed %d) in %s", seed, root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        tmp.rename(root)
-    except OSError:  # another process finished first
-        import shutil
-
+        photos = load_photos()
+        for index, (category, defects) in enumerate(CATEGORIES.items()):
+            rng = np.random.default_rng([seed, index])
+            folder = tmp / category
+            plan = [("train", "good", N_TRAIN), ("test", "good", N_TEST_GOOD)] + [("test", d, N_TEST_PER_DEFECT) for d in defects]
+            for split, defect, count in plan:
+                (folder / split / defect).mkdir(parents=True)
+                if defect != "good":
+                    (folder / "ground_truth" / defect).mkdir(parents=True)
+                for i in range(count):
+                    sample = make_sample(category, defect, rng, photos)
+                    _save_png(folder / split / defect / f"{i:03d}.png", to_uint8(sample.image))
+                    if defect != "good":
+                        _save_png(folder / "ground_truth" / defect / f"{i:03d}_mask.png", sample.mask.astype(np.uint8) * 255)
+        (tmp / ".complete").write_text(f"{VERSION} seed {seed}\n")
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / ".complete").is_file():
+                raise
+            log.info("%s was generated concurrently by another process; using that copy", root)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("generated the synthetic dataset in %s", root)
     return root
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+@dataclass(frozen=True)
+class SyntheticDataset(MVTecLayout):
+    """The embedded default dataset: with no ``data.root`` it is generated (once) into
+    ``<cache_dir>/synthetic/``; an explicit root reads a copy like any MVTec tree."""
+
+    name: str = "synthetic"
+    textures: frozenset[str] = TEXTURES
+
+    def resolve_root(self, root: str | Path | None, cache_dir: str | Path | None) -> Path:
+        if root is not None:
+            return super().resolve_root(root, cache_dir)
+        if cache_dir is None:
+            from orchestrator.config import default_cache_dir
+
+            cache_dir = default_cache_dir()
+        return generate(dataset_root(Path(cache_dir).expanduser()), SEED)

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from skimage import data as skdata
+from tqdm.auto import tqdm
 
 from orchestrator.data.cache import atomic_save
 from orchestrator.data.images import IMAGE_SUFFIXES, open_image
 from orchestrator.errors import DatasetError
 
 log = logging.getLogger(__name__)
-MAX_TEXTURES = 256
+FORMAT = 2  # bump when how the bank is built changes
+MAX_TEXTURES = 256  # decoding all 5,640 DTD images would dominate a smoke run
 OFFLINE_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel", "retina", "grass", "camera", "coins", "moon")
 
 
@@ -35,6 +36,8 @@ def _square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _offline(size: int) -> np.ndarray:
+    from skimage import data as skdata  # imported here: ~1 s, needed only when building
+
     out = []
     for name in OFFLINE_SOURCES:
         photo = getattr(skdata, name)()
@@ -49,25 +52,40 @@ def _offline(size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _from_folder(folder: Path, size: int) -> np.ndarray:
+def _from_files(files: list[Path], size: int) -> np.ndarray:
+    """At most MAX_TEXTURES files, evenly spaced over the sorted list (DTD's folders are
+    its classes, so this samples every class)."""
+    picks = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, min(MAX_TEXTURES, len(files))).round().astype(int))]
+    return np.stack([_square(np.asarray(open_image(p, "RGB")), size) for p in tqdm(picks, desc="decode textures", leave=False)])
+
+
+def _source_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DatasetError(f"data.textures folder {folder} does not exist; point it at a folder of images (e.g. DTD's images/) or drop it for offline sources")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise DatasetError(f"data.textures folder {folder} holds no images (.png/.jpg/.bmp)")
-    picks = [files[i] for i in np.linspace(0, len(files) - 1, min(MAX_TEXTURES, len(files))).round().astype(int)]
-    return np.stack([_square(np.asarray(open_image(p, "RGB")), size) for p in picks])
+        raise DatasetError(f"data.textures folder {folder} holds no images: expected {folder}/**/*.jpg (or .png/.bmp/.tif)")
+    return files
 
 
 def texture_bank(size: int, *, cache_dir: str | Path, source: str | Path | None = None) -> torch.Tensor:
-    """[K, 3, size, size] float in [-1, 1], cached as .npy."""
-    source_id = str(Path(source).expanduser().resolve()) if source else "offline"
-    key = hashlib.sha256(f"{source_id}|{size}|v1".encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "textures" / f"{key}.npy"
-    if path.exists():
-        bank = np.load(path)
+    """Anomaly-appearance sources, [K, 3, size, size] float32 in [-1, 1] (centre-square
+    crops resized to ``size``). ``source``: a folder searched recursively (e.g. DTD's
+    images/), or None for the offline scikit-image photos. Decoded once, cached as .npy
+    keyed by the source, its file list and ``size``."""
+    if source:
+        folder = Path(source).expanduser().resolve()
+        files = _source_files(folder)
+        # The file list (names and sizes) is part of the key: editing the folder rebuilds.
+        ident = "|".join([str(folder), *(f"{p.relative_to(folder)}:{p.stat().st_size}" for p in files)])
     else:
-        bank = _from_folder(Path(source_id), size) if source else _offline(size)
+        files, ident = [], "offline:" + ",".join(OFFLINE_SOURCES)
+    key = hashlib.sha256(f"{ident}|{size}|{FORMAT}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "textures" / f"{key}.npy"
+    try:
+        bank = np.load(path)
+    except (OSError, ValueError):  # absent (or unreadable): build it
+        bank = _from_files(files, size) if source else _offline(size)
         atomic_save(path, bank)
         log.info("texture bank: %d images at %d px -> %s", len(bank), size, path)
     return torch.from_numpy(bank).float().div_(127.5).sub_(1.0)

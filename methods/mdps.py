@@ -1,0 +1,544 @@
+"""MDPS: Masked Diffusion Posterior Sampling (Wu et al., IJCAI 2024).
+
+A test image y is treated as a masked noisy observation of a normal image x_0 (Eq. 7):
+equal to x_0 where the mask m is 0, x_0 plus Gaussian noise where m is 1. Normal
+reconstructions are drawn from p(x_0 | y) with a DDIM whose prior ε_θ was trained on
+normal images only (Eq. 5): outside the mask the noise is known exactly (Eq. 10), inside
+it the prior is steered towards y by a DPS-style likelihood gradient (Eq. 16). N_s
+posterior samples are compared with y by a pixel + perceptual distance (Eq. 18) and the
+distances are averaged (Eq. 19). The mask itself comes from a first, unmasked pass
+(Eq. 20).
+
+Notation (code name -> paper symbol):
+
+    images, y                  y              test image [B, 3, H, W] in [-1, 1]
+    mask                       m              1 = anomalous region (sampled), 0 = normal (kept) [B, 1, H, W]
+    unet(x_t, t)               ε_θ(x_t, t)    the prior's noise prediction (Eq. 5)
+    alpha_bar_t                α_t            cumulative product of (1 - β) (the paper's α is ᾱ)
+    x0_prior                   x̂_0^prior      Eq. 13
+    eps_posterior              ε_φ            the masked posterior denoiser (Eq. 17)
+    config.rho                 ρ              guidance scale (Eq. 16)
+    config.noise_level         T              noise level the sampler starts from (Alg. 1)
+    config.steps               N              DDIM steps (Alg. 1)
+    config.num_samples         N_s            posterior samples per image (Eq. 19)
+    config.mask_threshold      λ              Eq. 20
+    config.pixel_weight        η              Eq. 18
+    config.perceptual_strides  𝒥              backbone stages of Eq. 18, given by stride
+
+Timesteps are 0-based as in methods/gaussian_diffusion.py: the paper's t ∈ {1..1000}
+is index t - 1, and the paper's "s = 0" (the clean image) is index -1.
+
+Deviations and choices (each is a config field so it can be ablated):
+
+* Eq. 16 prints ∇‖y − x̂_0‖²₂; the authors' code differentiates the unsquared norm ‖·‖₂
+  (as DPS does), and ρ = 100 is calibrated for that: with the square the guidance is
+  ~100x too strong at 224² and the sampler diverges. ``guidance_norm`` picks either;
+  the default is the code's ``l2``.
+* The perceptual backbone defaults to the offline ImageNet EfficientNet-Lite0 (strides
+  4, 8, 16, like WideResNet-101-2 stages 1-3 of the paper); ``backbone=wide_resnet101_2``
+  selects the paper's network where torchvision and its weights are available.
+* 3x3 mean pooling of the features and a σ = 4 Gaussian blur of the final map are from
+  the authors' code (the paper is silent); both can be switched off.
+* Eq. 20's min/max are per image by default; the authors' code took them over the whole
+  test set, which ``mask_threshold_scope=batch`` reproduces when the test set is
+  passed in one ``predict`` call (it uses the min/max over the images of each call).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.backbones import backbone_strides
+from methods.base import AnomalyMethod, BackboneFactory, Losses, Optimizers, Prediction, TrainBatch, infer_field, train_field
+from methods.gaussian_diffusion import BetaSchedule, GaussianDiffusion
+from methods.unet import UNet
+
+log = logging.getLogger(__name__)
+
+NoiseFn = Callable[[], torch.Tensor]
+
+
+class Metric(str, Enum):
+    """Which terms of Eq. 18 the difference map uses (Table 4)."""
+
+    PIXEL = "pixel"  # η‖y_k − x_k‖₁ only
+    PERCEPTUAL = "perceptual"  # Σ_i (1 − cos) of backbone features only
+    BOTH = "both"  # the paper's Eq. 18
+
+
+class GuidanceNorm(str, Enum):
+    """The data-fidelity term whose gradient guides the anomalous region (Eq. 16)."""
+
+    L2 = "l2"  # ‖y − x̂_0‖₂, as the authors' code (and DPS) differentiate it
+    SQUARED_L2 = "squared_l2"  # ‖y − x̂_0‖²₂, Eq. 16 as printed
+
+
+class ThresholdScope(str, Enum):
+    """Over which images Eq. 20 takes min D̄ and max D̄."""
+
+    PER_IMAGE = "per_image"  # each image's own range
+    BATCH = "batch"  # the range over all images of one predict() call (the authors' code: the whole test set)
+
+
+@dataclass(frozen=True)
+class MDPSConfig:
+    """MDPS hyperparameters; defaults are the paper's (§5), or the authors' code where
+    the paper is silent (noted per field)."""
+
+    # --- data and training of the prior (§5) ----------------------------------------
+    image_size: int = train_field(256, "resize side in pixels (§5: 256)")
+    crop_size: int | None = train_field(224, "centre crop side after resizing; None = no crop (§5: 224 for MVTec, none for BTAD)")
+    epochs: int = train_field(2000, "training epochs of the prior (§5: 2000)")
+    batch_size: int = train_field(8, "global batch size (§5: 8)")
+    lr: float = train_field(1e-4, "Adam learning rate (§5: 1e-4; the authors' config uses 3e-4)")
+    weight_decay: float = train_field(0.05, "Adam weight decay (§5: 5e-2)")
+    num_timesteps: int = train_field(1000, "diffusion steps of the prior (§5: 1000)")
+    beta_schedule: BetaSchedule = train_field(BetaSchedule.LINEAR, "β schedule of the prior (authors' code: linear 1e-4..0.02)")
+    base_channels: int = train_field(64, "UNet base width (authors' code: 64)")
+    channel_mult: tuple[int, ...] = train_field((1, 1, 2, 2, 4, 4), "UNet width multipliers per level (authors' code: 64/64/128/128/256/256)")
+    layers_per_block: int = train_field(2, "residual blocks per UNet level (ADM: 2)")
+    attention_resolutions: tuple[int, ...] = train_field((28, 14, 7), "UNet resolutions (pixels) with self-attention (ADM's 32/16/8 at 256² = 1/8, 1/16, 1/32: 28/14/7 at 224²)")
+    head_channels: int = train_field(64, "channels per attention head (ADM: 64; the authors' code uses 4 heads)")
+    norm_groups: int = train_field(32, "GroupNorm groups in the UNet (ADM: 32)")
+    dropout: float = train_field(0.0, "UNet dropout (authors' code: 0)")
+
+    # --- posterior sampling (Alg. 1, Eqs. 10-17) --------------------------------------
+    rho: float = infer_field(100.0, "ρ: guidance scale of Eq. 16 (§5.2: 100; 0 = 'w/o posterior', prior sampling)")
+    noise_level: int = infer_field(200, "T: noise level the sampler starts from, of num_timesteps (§5: 200)")
+    steps: int = infer_field(10, "N: DDIM steps from T to 0 (§5: 10)")
+    num_samples: int = infer_field(16, "N_s: posterior samples per image averaged by Eq. 19 (Table 1/5: 16; 1 is the cheap setting)")
+    ddim_eta: float = infer_field(1.0, "scale of σ_t (1 = Eq. 4, the paper; 0 = deterministic DDIM)")
+    guidance_norm: GuidanceNorm = infer_field(GuidanceNorm.L2, "data term of Eq. 16: l2 (‖·‖₂, authors' code, what ρ=100 is for) | squared_l2 (‖·‖²₂ as printed)")
+    sample_chunk: int | None = infer_field(None, "posterior samples drawn at once per image (None = all N_s batched, 1 = sequential); results do not depend on it, memory does")
+
+    # --- mask generation (Eq. 20) -----------------------------------------------------
+    use_mask: bool = infer_field(True, "two passes with the Eq. 20 mask; False = 'w/o mask' (m ≡ 1, one pass)")
+    mask_threshold: float = infer_field(0.12, "λ of Eq. 20, in [0, 1] (not in the paper; authors' config for bottle: 0.12)")
+    mask_threshold_scope: ThresholdScope = infer_field(ThresholdScope.PER_IMAGE, "min/max of Eq. 20: per_image | batch (over one predict call; the authors' code: the test set)")
+    mask_num_samples: int | None = infer_field(None, "posterior samples of the first (m ≡ 1) pass; None = num_samples (authors' code: 1)")
+
+    # --- anomaly scoring (Eqs. 18-19) ----------------------------------------------------
+    metric: Metric = infer_field(Metric.BOTH, "difference map of Eq. 18: pixel | perceptual | both (Table 4)")
+    pixel_weight: float = infer_field(1.0, "η of Eq. 18: weight of the L1 pixel term (not given in the paper)")
+    backbone: str = infer_field(
+        "efficientnet_lite0",
+        "perceptual backbone: efficientnet_lite0 (offline default) | wide_resnet101_2 (the paper's; needs torchvision + weights) | efficientnet_b4",
+    )
+    perceptual_strides: tuple[int, ...] = infer_field((4, 8, 16), "backbone stages of Eq. 18 by stride (§4.3: WRN-101-2 stages 1-3 = strides 4, 8, 16)")
+    feature_pool_size: int = infer_field(3, "mean-pooling window on features before the cosine (authors' code: 3; 1 = none)")
+    blur_sigma: float = infer_field(4.0, "σ in pixels of the Gaussian blur of the final map (authors' code: 4; 0 = none)")
+    top_k: int = infer_field(500, "S: image score = mean of the S largest pixel scores (§4.3: 500)")
+    top_k_reference_size: int | None = infer_field(224, "S is given at this side and scaled by pixel count (500 at 224²); None = S as is")
+
+    def __post_init__(self) -> None:
+        # OmegaConf may hand lists for tuple fields and strings for enums: normalise so
+        # configs compare and hash.
+        for name in ("channel_mult", "attention_resolutions", "perceptual_strides"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name, kind in (("beta_schedule", BetaSchedule), ("guidance_norm", GuidanceNorm), ("mask_threshold_scope", ThresholdScope), ("metric", Metric)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        self._validate()
+
+    @property
+    def input_size(self) -> int:
+        """Side of the images the model sees (after the optional centre crop)."""
+        return self.crop_size if self.crop_size is not None else self.image_size
+
+    @property
+    def uses_backbone(self) -> bool:
+        return self.metric is not Metric.PIXEL
+
+    def _validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.image_size > 0, f"image_size must be > 0, got {self.image_size}")
+        need(self.crop_size is None or 0 < self.crop_size <= self.image_size, f"crop_size must be None or in [1, image_size={self.image_size}], got {self.crop_size}")
+        need(self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        need(self.lr > 0 and self.weight_decay >= 0, f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        need(self.num_timesteps >= 2, f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        levels = len(self.channel_mult)
+        need(levels >= 1 and self.input_size % 2 ** (levels - 1) == 0, f"input size {self.input_size} must be divisible by 2^{levels - 1} for channel_mult={self.channel_mult}")
+        need(self.base_channels >= 1 and self.layers_per_block >= 1 and self.head_channels >= 1, "base_channels, layers_per_block and head_channels must be >= 1")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.rho >= 0, f"rho must be >= 0 (0 = w/o posterior), got {self.rho}")
+        need(1 <= self.noise_level <= self.num_timesteps, f"noise_level T must be in [1, num_timesteps={self.num_timesteps}], got {self.noise_level}")
+        need(1 <= self.steps <= self.noise_level, f"steps N must be in [1, noise_level T={self.noise_level}], got {self.steps}")
+        need(self.num_samples >= 1, f"num_samples N_s must be >= 1, got {self.num_samples}")
+        need(self.mask_num_samples is None or self.mask_num_samples >= 1, f"mask_num_samples must be None or >= 1, got {self.mask_num_samples}")
+        need(self.sample_chunk is None or self.sample_chunk >= 1, f"sample_chunk must be None or >= 1, got {self.sample_chunk}")
+        need(0.0 <= self.ddim_eta <= 1.0, f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
+        need(0.0 <= self.mask_threshold <= 1.0, f"mask_threshold λ must be in [0, 1], got {self.mask_threshold}")
+        need(self.pixel_weight >= 0, f"pixel_weight η must be >= 0, got {self.pixel_weight}")
+        need(self.metric is not Metric.PIXEL or self.pixel_weight > 0, "metric=pixel needs pixel_weight > 0")
+        strides = backbone_strides(self.backbone)  # ValueError naming the valid backbones
+        need(
+            len(self.perceptual_strides) > 0 and all(s in strides for s in self.perceptual_strides) and len(set(self.perceptual_strides)) == len(self.perceptual_strides),
+            f"perceptual_strides must be distinct strides of {self.backbone}'s stages {strides}, got {self.perceptual_strides}",
+        )
+        need(self.feature_pool_size >= 1 and self.feature_pool_size % 2 == 1, f"feature_pool_size must be odd and >= 1, got {self.feature_pool_size}")
+        need(self.blur_sigma >= 0, f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        need(self.top_k >= 1, f"top_k S must be >= 1, got {self.top_k}")
+        need(self.top_k_reference_size is None or self.top_k_reference_size >= 1, f"top_k_reference_size must be None or >= 1, got {self.top_k_reference_size}")
+
+
+# --------------------------------------------------------------------------------------
+# Posterior sampling (Algorithm 1).
+
+
+def sampling_timesteps(noise_level: int, steps: int) -> list[tuple[int, int]]:
+    """The (t, s) pairs of Algorithm 1 line 4, 0-based: t = T n / N, s = T (n − 1) / N for
+    n = N..1, as indices t − 1 (the last s is −1, the clean image). Rounded when N ∤ T."""
+    if not 1 <= steps <= noise_level:
+        raise ValueError(f"steps N must be in [1, noise_level T={noise_level}], got {steps}")
+    levels = [round(noise_level * n / steps) for n in range(steps, -1, -1)]  # paper's t, T..0
+    return [(t - 1, s - 1) for t, s in zip(levels, levels[1:])]
+
+
+def normal_region_eps(x_t: torch.Tensor, y: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """ε in the normal region, known exactly from y (MDPS Eq. 10):
+    ε = (x_t − √α_t y) / √(1 − α_t)."""
+    return (x_t - alpha_bar_t.sqrt() * y) / (1 - alpha_bar_t).sqrt()
+
+
+def prior_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """x̂_0^prior = (x_t − √(1 − α_t) ε_θ(x_t, t)) / √α_t (MDPS Eq. 13)."""
+    return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
+def data_fidelity(y: torch.Tensor, x0: torch.Tensor, norm: GuidanceNorm) -> torch.Tensor:
+    """Σ over the batch of ‖y − x̂_0‖ (or its square) per image: summing per-image terms
+    keeps each image's gradient its own (MDPS Eq. 16's data term)."""
+    squared = (y - x0).flatten(1).pow(2).sum(1)
+    return squared.sum() if norm is GuidanceNorm.SQUARED_L2 else squared.sqrt().sum()
+
+
+def guided_prior_eps(
+    unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, alpha_bar_t: torch.Tensor, rho: float, norm: GuidanceNorm
+) -> torch.Tensor:
+    """ε in the anomalous region (MDPS Eq. 16):
+    ε_θ(x_t, t) + ρ √(1 − α_t) ∇_{x_t} ‖y − x̂_0^prior‖, the gradient taken through the
+    network. With ρ = 0 it is ε_θ alone and no gradient is computed."""
+    if rho == 0:
+        with torch.no_grad():
+            return unet(x_t, t)
+    with torch.enable_grad():
+        x_in = x_t.detach().requires_grad_(True)
+        eps = unet(x_in, t)
+        fidelity = data_fidelity(y, prior_x0(x_in, eps, alpha_bar_t), norm)
+        (grad,) = torch.autograd.grad(fidelity, x_in)
+    return eps.detach() + rho * (1 - alpha_bar_t).sqrt() * grad
+
+
+def posterior_eps(eps_normal: torch.Tensor, eps_anomalous: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ε_φ = (1 − m) ⊙ ε_φ^m̄ + m ⊙ ε_φ^m (MDPS Eq. 17)."""
+    return (1 - mask) * eps_normal + mask * eps_anomalous
+
+
+def posterior_sample(
+    unet: nn.Module,
+    diffusion: GaussianDiffusion,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    rho: float,
+    noise_level: int,
+    steps: int,
+    noise: NoiseFn,
+    ddim_eta: float = 1.0,
+    norm: GuidanceNorm = GuidanceNorm.L2,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """One masked diffusion posterior sample per image (MDPS Algorithm 1).
+
+    y [B, 3, H, W] in [-1, 1]; mask [B, 1, H, W] (1 = anomalous); ``noise()`` returns a
+    fresh standard normal [B, 3, H, W] (called once for x_T, then once per step).
+    ``on_step(t, x_t)`` sees every state before its update (t as a 0-based index).
+    Returns x_0 [B, 3, H, W].
+    """
+    t_start = sampling_timesteps(noise_level, steps)[0][0]
+    batch = y.shape[0]
+    alpha_T = diffusion.alpha_bar(torch.full((batch,), t_start, device=y.device), y.shape)
+    x = alpha_T.sqrt() * y + (1 - alpha_T).sqrt() * noise()  # line 2
+    guided = bool(mask.any())  # an all-normal mask needs no network at all
+    for t_index, s_index in sampling_timesteps(noise_level, steps):
+        if on_step is not None:
+            on_step(t_index, x)
+        t = torch.full((batch,), t_index, device=y.device, dtype=torch.long)
+        s = torch.full((batch,), s_index, device=y.device, dtype=torch.long)
+        alpha_t = diffusion.alpha_bar(t, y.shape)
+        eps_normal = normal_region_eps(x, y, alpha_t)  # line 7
+        eps_anomalous = guided_prior_eps(unet, x, t, y, alpha_t, rho, norm) if guided else eps_normal  # lines 5-6
+        eps = posterior_eps(eps_normal, eps_anomalous, mask)  # line 8
+        # Lines 9-11: x̂_0 from ε_φ, then x_s = √α_s x̂_0 + √(1 − α_s − σ_t²) ε_φ + σ_t ε_t,
+        # σ_t of Eq. 4 (scaled by ddim_eta).
+        z = noise() if ddim_eta > 0 else None
+        x = diffusion.ddim_step(x, t, s, eps, eta=ddim_eta, noise=z)
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# Anomaly scoring (Eqs. 18-20).
+
+
+def pixel_distance(x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """‖y_k − (x_0)_k‖₁ over the colour channels at every pixel k (MDPS Eq. 18, pixel
+    term). [B, 3, H, W] x2 -> [B, H, W]."""
+    return (y - x0).abs().sum(1)
+
+
+def perceptual_distance(features_x0: list[torch.Tensor], features_y: list[torch.Tensor], size: tuple[int, int], pool_size: int = 1) -> torch.Tensor:
+    """Σ_i (1 − cos(F_i^(k)(x_0), F_i^(k)(y))) at every pixel k (MDPS Eq. 18, perceptual
+    term): per stage, optional pool_size² mean pooling, cosine over channels, bilinear
+    upsampling to ``size``, summed over stages. -> [B, H, W]."""
+    total = None
+    for fx, fy in zip(features_x0, features_y):
+        if pool_size > 1:
+            fx = F.avg_pool2d(fx, pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
+            fy = F.avg_pool2d(fy, pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
+        distance = 1 - F.cosine_similarity(fx, fy, dim=1, eps=1e-6)  # [B, h, w]
+        distance = F.interpolate(distance[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        total = distance if total is None else total + distance
+    assert total is not None, "at least one backbone stage"
+    return total
+
+
+def difference_map(
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    metric: Metric,
+    pixel_weight: float,
+    features_x0: list[torch.Tensor] | None = None,
+    features_y: list[torch.Tensor] | None = None,
+    pool_size: int = 1,
+) -> torch.Tensor:
+    """D(x_0, y) of MDPS Eq. 18: η · pixel term + perceptual term, or one of them
+    (Table 4). [B, 3, H, W] -> [B, H, W]."""
+    out = torch.zeros(y.shape[0], *y.shape[-2:], device=y.device, dtype=y.dtype)
+    if metric in (Metric.PIXEL, Metric.BOTH):
+        out = out + pixel_weight * pixel_distance(x0, y)
+    if metric in (Metric.PERCEPTUAL, Metric.BOTH):
+        if features_x0 is None or features_y is None:
+            raise ValueError(f"metric={metric.value} needs backbone features")
+        out = out + perceptual_distance(features_x0, features_y, tuple(y.shape[-2:]), pool_size)
+    return out
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B, H, W] maps, truncated at 4σ (radius ⌊4σ + ½⌋ as in
+    scipy/scikit-image), mirror padding (replicate where the map is smaller than the radius)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(4 * sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = maps[:, None]
+    mode = "reflect" if radius < min(maps.shape[-2:]) else "replicate"
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def anomaly_mask(score_map: torch.Tensor, threshold: float, scope: ThresholdScope) -> torch.Tensor:
+    """m = (D̄ > min D̄ + λ (max D̄ − min D̄)) (MDPS Eq. 20), min/max per image or over
+    the batch. [B, H, W] -> float {0, 1} [B, 1, H, W]."""
+    flat = score_map.flatten(1)
+    if scope is ThresholdScope.PER_IMAGE:
+        low, high = flat.min(1).values, flat.max(1).values
+    else:
+        low, high = flat.min().expand(flat.shape[0]), flat.max().expand(flat.shape[0])
+    cut = low + threshold * (high - low)
+    return (score_map > cut.view(-1, 1, 1)).float()[:, None]
+
+
+def scaled_top_k(top_k: int, reference_size: int | None, height: int, width: int) -> int:
+    """S for a height x width map: S at reference_size² scaled by the pixel count (500 at
+    224² -> 41 at 64²), at least 1 and at most every pixel."""
+    k = top_k if reference_size is None else round(top_k * height * width / reference_size**2)
+    return int(min(max(k, 1), height * width))
+
+
+def top_k_mean(score_map: torch.Tensor, k: int) -> torch.Tensor:
+    """Image score = mean of the k largest pixel scores of D̄ (MDPS §4.3). [B, H, W] -> [B]."""
+    return score_map.flatten(1).topk(k, dim=1).values.mean(1)
+
+
+# --------------------------------------------------------------------------------------
+# The model.
+
+
+class MDPS(AnomalyMethod):
+    """An unconditional DDPM prior (Eq. 5) and masked diffusion posterior sampling at test
+    time (Algorithm 1, Eqs. 18-20). Single-class: one prior per category (§5)."""
+
+    Config: ClassVar[type] = MDPSConfig
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {},
+        # CPU minutes: 64 px, a ~0.27 M-parameter UNet trained 40 epochs, T = 400 of 1000
+        # with N = 5 steps, N_s = 2 (1 for the mask pass). Training is short, so the
+        # learning rate is raised and weight decay dropped; blur σ = 4 at 256² becomes 1.
+        "smoke": {
+            "image_size": 64,
+            "crop_size": None,
+            "epochs": 40,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "base_channels": 16,
+            "channel_mult": (1, 2, 2),
+            "layers_per_block": 1,
+            "attention_resolutions": (),
+            "head_channels": 32,
+            "norm_groups": 8,
+            "noise_level": 400,
+            "steps": 5,
+            "num_samples": 2,
+            "mask_num_samples": 1,
+            "blur_sigma": 1.0,
+        },
+    }
+
+    def __init__(self, config: MDPSConfig, backbone_factory: BackboneFactory | None = None):
+        super().__init__(config, backbone_factory)
+        c = config
+        self.diffusion = GaussianDiffusion(c.num_timesteps, c.beta_schedule)
+        self.unet = UNet(
+            in_channels=3,
+            out_channels=3,
+            image_size=c.input_size,
+            base_channels=c.base_channels,
+            channel_mult=c.channel_mult,
+            layers_per_block=c.layers_per_block,
+            attention_resolutions=c.attention_resolutions,
+            head_channels=c.head_channels,
+            norm_groups=c.norm_groups,
+            dropout=c.dropout,
+        )
+        self._backbone: nn.Module | None = None
+        self._stage_indices: list[int] = []
+        if c.uses_backbone:
+            if backbone_factory is None:
+                raise ValueError(f"metric={c.metric.value} needs a backbone_factory (name -> feature extractor) for the perceptual term")
+            backbone = backbone_factory(c.backbone)
+            strides = tuple(backbone.strides)
+            self._stage_indices = [strides.index(s) for s in c.perceptual_strides]
+            # Kept out of the module tree (so out of state_dict and DDP): the backbone is
+            # an inference-only choice, and a stored prior must load under any backbone.
+            object.__setattr__(self, "_backbone", backbone)
+            log.info("MDPS perceptual backbone: %s, strides %s", c.backbone, c.perceptual_strides)
+
+    # ---------------------------------------------------------------- training (Eq. 5)
+
+    def forward(self, batch: TrainBatch) -> Losses:
+        """L(θ) = E‖ε − ε_θ(√α_t x_0 + √(1 − α_t) ε, t)‖² over t ~ U{0..T−1} (MDPS Eq. 5)."""
+        x0 = batch.images
+        t = torch.randint(0, self.config.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        loss = F.mse_loss(self.unet(self.diffusion.q_sample(x0, t, noise), t), noise)
+        return Losses(loss, {"L_theta": loss.detach()})
+
+    def configure_optimizers(self) -> Optimizers:
+        """Adam with weight decay (§5), no LR schedule."""
+        return Optimizers(torch.optim.Adam(self.unet.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay), None)
+
+    # ---------------------------------------------------------------- inference
+
+    def predict(
+        self,
+        images: torch.Tensor,
+        category: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Prediction:
+        """Anomaly map D̄ of the masked pass [B, H, W] and the top-S image score [B].
+
+        With ``use_mask`` a first pass (m ≡ 1, ``mask_num_samples`` samples) gives the
+        Eq. 20 mask; the second pass samples with it. Randomness comes only from
+        ``generator`` (a randomly seeded one when None)."""
+        c = self.config
+        if generator is None:
+            generator = torch.Generator(device=images.device)
+            generator.seed()
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                features_y = self._features(images)
+                ones = torch.ones_like(images[:, :1])
+                if c.use_mask:
+                    first = self.score_map(images, ones, c.mask_num_samples or c.num_samples, generator, features_y)
+                    mask = anomaly_mask(first, c.mask_threshold, c.mask_threshold_scope)
+                else:
+                    mask = ones
+                final = self.score_map(images, mask, c.num_samples, generator, features_y)
+        finally:
+            self.train(was_training)
+        k = scaled_top_k(c.top_k, c.top_k_reference_size, *final.shape[-2:])
+        return Prediction(final, top_k_mean(final, k))
+
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """N_s posterior samples per image: [B, 3, H, W] -> [N_s, B, 3, H, W].
+
+        Sample j draws all its noise from its own generator, seeded from ``generator``,
+        so the result is the same whether samples run batched or in chunks."""
+        c = self.config
+        seeds = torch.randint(0, 2**62, (num_samples,), generator=generator, device=generator.device).tolist()
+        chunk = c.sample_chunk or num_samples
+        out = []
+        for lo in range(0, num_samples, chunk):
+            sample_seeds = seeds[lo : lo + chunk]
+            n = len(sample_seeds)
+            generators = [torch.Generator(device=generator.device).manual_seed(s) for s in sample_seeds]
+
+            def noise(generators: list[torch.Generator] = generators) -> torch.Tensor:
+                draws = [torch.randn(images.shape, generator=g, device=g.device) for g in generators]
+                return torch.cat(draws).to(images.device)  # sample-major: [n * B, 3, H, W]
+
+            x0 = posterior_sample(
+                self.unet,
+                self.diffusion,
+                images.repeat(n, 1, 1, 1),
+                mask.repeat(n, 1, 1, 1),
+                rho=c.rho,
+                noise_level=c.noise_level,
+                steps=c.steps,
+                noise=noise,
+                ddim_eta=c.ddim_eta,
+                norm=c.guidance_norm,
+            )
+            out.append(x0.view(n, *images.shape))
+        return torch.cat(out)
+
+    def score_map(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator,
+        features_y: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """D̄ = (1/N_s) Σ_j D(x_0^(j), y) (MDPS Eq. 19), then the optional blur. -> [B, H, W]"""
+        c = self.config
+        samples = self.reconstruct(images, mask, num_samples, generator)  # [N_s, B, 3, H, W]
+        if features_y is None:
+            features_y = self._features(images)
+        total = torch.zeros(images.shape[0], *images.shape[-2:], device=images.device)
+        for x0 in samples:
+            total += difference_map(x0, images, c.metric, c.pixel_weight, self._features(x0), features_y, c.feature_pool_size)
+        return gaussian_blur(total / num_samples, c.blur_sigma)
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor] | None:
+        """The backbone stages used by Eq. 18, or None for the pixel-only metric."""
+        if self._backbone is None:
+            return None
+        backbone = self._backbone.to(images.device)
+        stages = backbone(images, num_stages=max(self._stage_indices) + 1)
+        return [stages[i] for i in self._stage_indices]

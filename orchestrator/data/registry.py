@@ -1,0 +1,46 @@
+"""Dataset registry: name -> adapter.
+
+An adapter lists a dataset's files in one common shape and knows which categories are
+textures; everything after (decoding, preprocessing, caching, validation split) is shared.
+Adding a dataset = one module with a class satisfying :class:`DatasetAdapter` (usually
+MVTecLayout with another file listing) plus one line here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from orchestrator.data.mvtec import CategoryFiles, MVTecLayout
+from orchestrator.data.synthetic import SyntheticDataset
+from orchestrator.errors import DatasetError
+
+
+class DatasetAdapter(Protocol):
+    name: str
+
+    def resolve_root(self, root: str | Path | None, cache_dir: str | Path | None) -> Path:
+        """The dataset folder to read (checked to exist); ``root`` None = the dataset's default."""
+
+    def categories(self, root: Path) -> list[str]:
+        """Category names under ``root``, sorted."""
+
+    def is_texture(self, category: str) -> bool:
+        """True where anomalies may go anywhere (no foreground estimate under foreground=auto)."""
+
+    def scan(self, root: Path, category: str) -> CategoryFiles:
+        """The category's files; raises DatasetError naming what is missing."""
+
+
+DATASETS: dict[str, DatasetAdapter] = {
+    "mvtec_ad": MVTecLayout("mvtec_ad"),
+    "mpdd": MVTecLayout("mpdd", textures=frozenset()),  # MPDD ships in the MVTec layout; all six categories are objects
+    "synthetic": SyntheticDataset(),
+}
+
+
+def get_adapter(dataset: str) -> DatasetAdapter:
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise DatasetError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(DATASETS))}") from None
