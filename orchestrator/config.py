@@ -68,6 +68,7 @@ class Settings:
     max_failures: int = 1  # retries of a failed trial (Tune) and of a failed worker group (Train)
     resume: bool = False  # finish an interrupted sweep (Tuner.restore)
     retrain: bool = False  # train even when a stored model for the training config exists
+    reuse_models: bool = True  # false: every trial trains its own model (no train-once sharing; for benchmarks)
     tracking_uri: Optional[str] = None  # MLflow store; default $MLFLOW_TRACKING_URI or ./mlflow.db
     storage_path: str = "ray_results"  # Ray Tune/Train storage and the model store (shared on clusters)
     eval_every: int = 0  # epochs between validation reports during training (0 = epochs // 4)

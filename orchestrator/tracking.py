@@ -113,6 +113,15 @@ class MLflowTrialLogger(Callback):
         self.runs: dict[str, str] = {}  # trial_id -> run_id
         self.mlflow = client(uri)
 
+    # Tune pickles callbacks into the experiment state (for resume=true); the client holds
+    # a database connection, so it is rebuilt from the URI instead of pickled.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "mlflow"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.mlflow = client(self.uri)
+
     def _run_for(self, trial) -> str:
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]

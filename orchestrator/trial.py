@@ -164,8 +164,9 @@ def validation_metrics(model, datas, settings: Settings, device: torch.device) -
     return {f"val_{name}": float(np.mean([getattr(m, name) for m in per_category])) for name in METRIC_NAMES}
 
 
-def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key: ModelKey) -> None:
-    """Run Ray Train for one model; its validation reports reach Tune (and ASHA)."""
+def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key: ModelKey, run_name: str) -> None:
+    """Run Ray Train for one model; its validation reports reach Tune (and ASHA).
+    A ``run_name`` with checkpoints in storage resumes from the latest one."""
     s = spec.settings
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -174,7 +175,7 @@ def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key:
         scaling_config=ScalingConfig(num_workers=s.trial.workers, use_gpu=s.trial.gpus > 0,
                                      resources_per_worker={"CPU": s.trial.cpus, **({"GPU": s.trial.gpus} if s.trial.gpus else {})}),
         run_config=RunConfig(
-            name=f"train-{key.short}",
+            name=run_name,
             storage_path=str(Path(spec.storage_path) / "train"),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             callbacks=[TuneReportCallback()],
@@ -189,6 +190,12 @@ def ensure_model(spec: TrialSpec, method_config: Any, categories: list[str], own
     store = ModelStore(spec.storage_path)
     claims = ray.get_actor(spec.claims_actor)
     retrain = spec.settings.retrain
+    if not spec.settings.reuse_models:  # every trial trains its own copy (measures the train-once gain)
+        train_model(spec, method_config, categories, key, f"train-{key.short}-{owner}")
+        return key, True
+    # The run name is stable across resume=true (an interrupted training continues from its
+    # last checkpoint) but fresh for retrain=true (a finished one would only be reloaded).
+    run_name = f"train-{key.short}" + (f"-{owner}" if retrain else "")
     waited = 0.0
     while True:
         if not retrain and store.exists(key):
@@ -199,7 +206,7 @@ def ensure_model(spec: TrialSpec, method_config: Any, categories: list[str], own
         if status == "train":
             ok = False
             try:
-                train_model(spec, method_config, categories, key)
+                train_model(spec, method_config, categories, key, run_name)
                 ok = store.exists(key)
             finally:
                 ray.get(claims.finish.remote(key.key, owner, ok))

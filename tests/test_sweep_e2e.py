@@ -17,8 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def category():
-    return list_categories("synthetic", None)[0]
+def category(cache_dir):
+    found = list_categories("synthetic", None, cache_dir=cache_dir)
+    assert "washer" in found
+    return "washer"
 
 
 def common(tmp_path, cache_dir, category):
@@ -47,7 +49,7 @@ def test_inference_only_sweep_trains_once_and_logs_everything(tmp_path, cache_di
     assert len(parents) == 1 and len(children) == 3
     assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
     assert children["metrics.models_trained"].sum() == 1  # one training, three evaluations
-    assert children["params.method.lambda_disc"].nunique() == 3
+    assert children["params.method.disc_weight"].nunique() == 3
     for column in ("metrics.val_image_auroc", "metrics.test_image_auroc", "metrics.test_aupro", "metrics.images_per_second", "metrics.latency_ms"):
         assert children[column].notna().all(), column
     assert (children["params.method.epochs"] == "2").all()

@@ -14,17 +14,17 @@ CATEGORY = "washer"  # the synthetic category TransFusion learns best at smoke s
 
 
 @pytest.mark.slow
-def test_transfusion_learns_synthetic_washer(tmp_path_factory):
+def test_transfusion_learns_synthetic_washer(cache_dir):
     from orchestrator.data import list_categories
     from orchestrator.training import run_local
 
-    assert CATEGORY in list_categories("synthetic", None)
+    assert CATEGORY in list_categories("synthetic", None, cache_dir=cache_dir)
     result = run_local(
         method="transfusion",
         categories=[CATEGORY],
         scale="smoke",
         dataset="synthetic",
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        cache_dir=cache_dir,
         seed=0,
     )
     test, val = result.test[CATEGORY], result.val[CATEGORY]

@@ -8,7 +8,8 @@
 Every dataset is an adapter onto the MVTec AD layout (orchestrator/data/mvtec.py,
 orchestrator/data/registry.py). ``synthetic`` is generated into the cache on first use
 and is the default. The first ``load_category`` of a key decodes the images and writes
-.npy arrays; every later one only memory-maps them.
+.npy arrays; every later one only memory-maps them. Command line (list, verify, prepare,
+make-synthetic): ``python -m orchestrator.data --help``.
 """
 
 from __future__ import annotations

@@ -11,8 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from orchestrator.data.btad import btad
+from orchestrator.data.dagm import DagmDataset
+from orchestrator.data.folder import FolderDataset
 from orchestrator.data.mvtec import CategoryFiles, MVTecLayout
 from orchestrator.data.synthetic import SyntheticDataset
+from orchestrator.data.visa import VisaDataset
 from orchestrator.errors import DatasetError
 
 
@@ -35,6 +39,10 @@ class DatasetAdapter(Protocol):
 DATASETS: dict[str, DatasetAdapter] = {
     "mvtec_ad": MVTecLayout("mvtec_ad"),
     "mpdd": MVTecLayout("mpdd", textures=frozenset()),  # MPDD ships in the MVTec layout; all six categories are objects
+    "visa": VisaDataset(),  # original release (split_csv/1cls.csv) or a converted MVTec-layout tree; all objects
+    "btad": btad(),  # MVTec layout with ok/ko folders and <stem>.png masks; no category marked as texture (see btad.py)
+    "dagm": DagmDataset(),  # Class1..Class10, Labels.txt; train = Train/ non-defective, test = all of Test/; all textures
+    "folder": FolderDataset(),  # your own normal/, abnormal/, masks/ (see folder.py for the protocol)
     "synthetic": SyntheticDataset(),
 }
 
