@@ -125,3 +125,9 @@ class TrainingClaims:
             del self.owners[key]
         if ok:
             self.done.add(key)
+
+
+def claims_actor(name: str):
+    """The sweep's :class:`TrainingClaims` actor, created by the driver (or, after a
+    restart, found again by name). It lives as long as the driver holds the handle."""
+    return TrainingClaims.options(name=name, get_if_exists=True, lifetime=None).remote()

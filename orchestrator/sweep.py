@@ -199,8 +199,16 @@ def run(tokens: list[str]) -> dict[str, Any]:
         )
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]
-    tracking.finish_run(mlflow_client, parent, ok=not failed)
+    # Ctrl-C: Tune saved its state and returned; trials without a final test result are unfinished.
+    unfinished = [r for r in results if r.error is None and "test_image_auroc" not in (r.metrics or {})]
     del claims
+    if unfinished:
+        tracking.finish_run(mlflow_client, parent, status="KILLED")
+        print(f"\nsweep {sweep_name} interrupted: {len(unfinished)} of {len(results)} trials unfinished; "
+              f"finish them with: python -m orchestrator.sweep {' '.join(t for t in tokens if not t.startswith('resume='))} resume=true")
+        return {"sweep": sweep_name, "trials": len(results), "failed": len(failed), "unfinished": len(unfinished),
+                "tracking_uri": uri, "reports": [], "parent_run_id": parent}
+    tracking.finish_run(mlflow_client, parent, ok=not failed)
     written = report.write_reports(space.name, uri, Path("reports"))
     for path in written:
         mlflow_client.log_artifact(parent, str(path), artifact_path="report")
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1 if summary.get("failed") else 0
+    return 1 if summary.get("failed") or summary.get("unfinished") else 0
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def finish_run(mlflow_client: MlflowClient, run_id: str, ok: bool = True) -> None:
-    mlflow_client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+def finish_run(mlflow_client: MlflowClient, run_id: str, ok: bool = True, status: str | None = None) -> None:
+    mlflow_client.set_terminated(run_id, status=status or ("FINISHED" if ok else "FAILED"))
 
 
 class MLflowTrialLogger(Callback):

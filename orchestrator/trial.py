@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import ray.train
 import ray.train.torch
 import ray.tune
@@ -272,7 +273,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     method_config = trial_method_config(spec, config)
     s = spec.settings
-    evaluate = ray.remote(num_cpus=s.trial.cpus, num_gpus=s.trial.gpus)(evaluate_model)
+    # Scheduled outside the trial's placement group (which holds only the trial's tiny
+    # driver bundle), with the trial's own resources, like Ray Train's workers.
+    evaluate = ray.remote(num_cpus=s.trial.cpus, num_gpus=s.trial.gpus)(evaluate_model).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     per_model, keys, trained = [], [], 0
     for categories in model_groups(spec, config):
         key, trained_here = ensure_model(spec, method_config, categories, owner=trial_id)

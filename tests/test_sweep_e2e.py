@@ -6,8 +6,14 @@ second run of the same sweep must train nothing.
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
+import pandas as pd
 import pytest
 
 from orchestrator import sweep
@@ -68,3 +74,45 @@ def test_inference_only_sweep_trains_once_and_logs_everything(tmp_path, cache_di
     runs = mlflow.search_runs(experiment_names=["transfusion_lambda"])
     newest = runs[(runs["tags.kind"] == "trial") & (runs["tags.mlflow.parentRunId"] == again["parent_run_id"])]
     assert len(newest) == 3 and newest["metrics.models_trained"].sum() == 0
+
+
+def test_interrupted_sweep_resumes_only_the_missing_trials(tmp_path, cache_dir, category, ray_shutdown, monkeypatch):
+    """Ctrl-C a running grid sweep after its first finished trial, then resume=true."""
+    monkeypatch.chdir(tmp_path)
+    args = ["ablation=transfusion_steps", "max_concurrent=1", "method.epochs=1"] + [
+        a for a in common(tmp_path, cache_dir, category) if not a.startswith(("max_concurrent", "method.epochs"))]
+    env = dict(os.environ, RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deadline = time.monotonic() + 600
+    finished = pd.DataFrame()
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(2)
+        try:
+            runs = mlflow.search_runs(experiment_names=["transfusion_steps"])
+        except Exception:  # the store is still being created
+            continue
+        if "tags.kind" in runs and "status" in runs:
+            finished = runs[(runs["tags.kind"] == "trial") & (runs["status"] == "FINISHED")]
+            if len(finished):
+                break
+    assert proc.poll() is None, f"the sweep ended before it could be interrupted:\n{proc.stdout.read()[-3000:]}"
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert "resume=true" in output, output[-3000:]
+    done_before = dict(zip(finished["run_id"], finished["end_time"]))
+    assert 1 <= len(done_before) < 4
+
+    summary = sweep.run(args + ["resume=true"])
+    assert summary["failed"] == 0
+    runs = mlflow.search_runs(experiment_names=["transfusion_steps"])
+    parents = runs[runs["tags.kind"] == "sweep"]
+    trials = runs[runs["tags.kind"] == "trial"]
+    assert len(parents) == 1 and len(trials) == 4  # resumed into the same runs, no duplicates
+    assert (trials["status"] == "FINISHED").all()
+    assert sorted(trials["params.method.steps"].astype(int)) == [5, 10, 20, 50]
+    for run_id, end_time in done_before.items():  # trials finished before the interrupt were not re-run
+        assert trials.set_index("run_id").at[run_id, "end_time"] == end_time
+    assert len(list((tmp_path / "ray" / "models").glob("*/meta.json"))) == 4
