@@ -25,6 +25,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.metrics_aupro
+	$(PY) -m bench.data_loading
+	$(PY) -m bench.orchestration
+	$(PY) -m bench.diffusionad_paradigms
+	$(PY) -m bench.mdps_sampling
 
 clean:
 	rm -rf $(VENV) .cache reports/ablations mlruns mlflow.db

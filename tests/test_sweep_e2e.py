@@ -2,7 +2,9 @@
 
 One inference-only Optuna sweep (TransFusion λ) checks train-once-evaluate-many, the
 MLflow layout (parent + one child per trial, params, metrics, images) and the report; a
-second run of the same sweep must train nothing.
+second run of the same sweep must train nothing. An inference-only grid (TransFusion's
+final-mask rows) is interrupted with Ctrl-C after its first finished trial and resumed
+with resume=true: only the missing trials run, into the same MLflow runs.
 """
 
 import json
@@ -35,7 +37,8 @@ def common(tmp_path, cache_dir, category):
         f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"storage_path={tmp_path / 'ray'}",
         f"data.cache_dir={cache_dir}",
-        "method.epochs=2",
+        "method.epochs=1",
+        "method.steps=5",  # a cheap reverse process: these tests are about orchestration
         "max_concurrent=2",
         "latency_images=1",
         "sample_maps=2",
@@ -58,7 +61,7 @@ def test_inference_only_sweep_trains_once_and_logs_everything(tmp_path, cache_di
     assert children["params.method.disc_weight"].nunique() == 3
     for column in ("metrics.val_image_auroc", "metrics.test_image_auroc", "metrics.test_aupro", "metrics.images_per_second", "metrics.latency_ms"):
         assert children[column].notna().all(), column
-    assert (children["params.method.epochs"] == "2").all()
+    assert (children["params.method.epochs"] == "1").all() and (children["params.method.steps"] == "5").all()
     assert parents.iloc[0]["tags.git_commit"]
     client = mlflow.tracking.MlflowClient()
     images = client.list_artifacts(children.iloc[0]["run_id"], "anomaly_maps")
@@ -79,8 +82,7 @@ def test_inference_only_sweep_trains_once_and_logs_everything(tmp_path, cache_di
 def test_interrupted_sweep_resumes_only_the_missing_trials(tmp_path, cache_dir, category, ray_shutdown, monkeypatch):
     """Ctrl-C a running grid sweep after its first finished trial, then resume=true."""
     monkeypatch.chdir(tmp_path)
-    args = ["ablation=transfusion_steps", "max_concurrent=1", "method.epochs=1"] + [
-        a for a in common(tmp_path, cache_dir, category) if not a.startswith(("max_concurrent", "method.epochs"))]
+    args = ["ablation=transfusion_final_mask", "max_concurrent=1"] + [a for a in common(tmp_path, cache_dir, category) if not a.startswith("max_concurrent")]
     env = dict(os.environ, RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=tmp_path, env=env,
@@ -91,7 +93,7 @@ def test_interrupted_sweep_resumes_only_the_missing_trials(tmp_path, cache_dir, 
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(2)
         try:
-            runs = mlflow.search_runs(experiment_names=["transfusion_steps"])
+            runs = mlflow.search_runs(experiment_names=["transfusion_final_mask"])
         except Exception:  # the store is still being created
             continue
         if "tags.kind" in runs and "status" in runs:
@@ -107,12 +109,12 @@ def test_interrupted_sweep_resumes_only_the_missing_trials(tmp_path, cache_dir, 
 
     summary = sweep.run(args + ["resume=true"])
     assert summary["failed"] == 0
-    runs = mlflow.search_runs(experiment_names=["transfusion_steps"])
+    runs = mlflow.search_runs(experiment_names=["transfusion_final_mask"])
     parents = runs[runs["tags.kind"] == "sweep"]
     trials = runs[runs["tags.kind"] == "trial"]
     assert len(parents) == 1 and len(trials) == 4  # resumed into the same runs, no duplicates
     assert (trials["status"] == "FINISHED").all()
-    assert sorted(trials["params.method.steps"].astype(int)) == [5, 10, 20, 50]
+    assert set(trials["params.method.final_mask"]) == {"combined", "last", "disc", "recon"}
     for run_id, end_time in done_before.items():  # trials finished before the interrupt were not re-run
         assert trials.set_index("run_id").at[run_id, "end_time"] == end_time
-    assert len(list((tmp_path / "ray" / "models").glob("*/meta.json"))) == 4
+    assert trials["metrics.models_trained"].sum() == 1  # one inference-only grid, one model
