@@ -554,12 +554,7 @@ class DRDC(AnomalyMethod):
     # --- training ----------------------------------------------------------------------
 
     def forward(self, batch: TrainBatch) -> Losses:
-        """L_feat (Eq. 1) for the transformer plus L_diff (Eq. 12) for the ε-network.
-
-        Eq. 12 takes x_t ~ q(x_t | x_0) of the normal training image and conditions on
-        I_in, that image with one random grid set replaced by independent noise. (Read
-        with x_0 = I_in literally, the network could compute ε exactly from its own
-        condition, (x_t - √ᾱ_t I_in)/√(1-ᾱ_t): an identity shortcut, so we do not.)"""
+        """L_feat (Eq. 1) for the transformer plus L_diff (Eq. 12) for the ε-network."""
         config = self.config
         images = batch.images
         b, device = images.shape[0], images.device
@@ -572,15 +567,39 @@ class DRDC(AnomalyMethod):
         t_max = config.num_timesteps - 1 if config.train_max_timestep is None else config.train_max_timestep
         t = torch.randint(0, t_max + 1, (b,), device=device)
         noise = torch.randn_like(images)
-        x_t = self.diffusion.q_sample(images, t, noise)
+        x_t = self.diffusion.q_sample(images, t, noise)  # only used without the model condition
         if config.model_condition:
             masks = random_training_masks(b, *images.shape[-2:], config.train_grid_sizes, config.train_num_sets, device)
             condition = noised_condition(images, masks, torch.randn_like(images))
-            x_t = torch.cat([x_t, condition], dim=1)
-        loss_diff = F.mse_loss(self.unet(x_t, t), noise)
+            loss_diff = self.inpainting_loss(images, condition, masks, t, noise)
+        else:
+            loss_diff = F.mse_loss(self.unet(x_t, t), noise)  # Eq. 8
 
         total = loss_feat + loss_diff
         return Losses(total, {"L_feat": loss_feat.detach(), "L_diff": loss_diff.detach()})
+
+    def inpainting_loss(self, images: torch.Tensor, condition: torch.Tensor, known_mask: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """L_diff = E‖ε - z_θ(x_t, I_in, t)‖² (DRDC Eq. 12) as the inference of §4.2 uses it.
+
+        Inference forwards x_0 = I_in (the masked region already Gaussian noise) to x_t
+        and reads x̃_0^t off the prediction by Eq. 9; the heatmap (Eq. 11) compares that
+        with I_ori, so x̃_0^t must be the *normal* image also where I_in holds noise. We
+        therefore train on the same x_t = √ᾱ_t I_in + √(1-ᾱ_t) ε and take as ε of Eq. 12
+        the noise that separates x_t from the normal image x,
+        ε* = (x_t - √ᾱ_t x) / √(1-ᾱ_t): ε on the known pixels, and on the masked ones
+        ε + √(ᾱ_t/(1-ᾱ_t)) (n - x), which the network can only predict by inpainting x
+        from the known region (no identity shortcut). Two choices the paper leaves open:
+        (a) the literal target ε (noise of x_t w.r.t. I_in) is computable from x_t and
+        I_in and would teach the network to return the noise fill as x̃_0; (b) on the
+        masked pixels the squared error is weighted by (1 - ᾱ_t), i.e. it is ᾱ_t ‖x̃_0 - x‖²,
+        so that small t, where √(ᾱ_t/(1-ᾱ_t)) reaches ~100, do not dominate the loss.
+        Shapes [B, 3, H, W]; known_mask [B, 1, H, W]; t [B]."""
+        x_t = self.diffusion.q_sample(condition, t, noise)  # x_0 = I_in forwarded (§4.2)
+        target = self.diffusion.predict_eps_from_x0(x_t, t, images)  # ε* (w.r.t. the normal image)
+        prediction = self.unet(torch.cat([x_t, condition], dim=1), t)
+        one_minus_alpha_bar = 1 - self.diffusion.alpha_bar(t, images.shape)
+        weight = known_mask + (1 - known_mask) * one_minus_alpha_bar
+        return (weight * (prediction - target).pow(2)).mean()
 
     def configure_optimizers(self) -> Optimizers:
         """AdamW with weight decay 1e-4 for both networks (§5); per-network learning rates."""
