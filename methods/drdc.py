@@ -463,9 +463,11 @@ class DRDC(AnomalyMethod):
         # 1, 2, 4 (8 would leave an 8x8 map), m = 11 (41 · 64/224 ≈ 12, odd), pool 5.
         # Three reverse steps from t = 200 and training t ≤ 300, since only those are
         # ever evaluated; a smaller UNet and transformer, a higher learning rate.
+        # Measured (seed 0, synthetic, issue 6): mean test image AUROC 0.74, pixel 0.82;
+        # ~145 s training + ~25 s prediction of 1-thread CPU time. Not yet the 0.85 target.
         "smoke": {
             "image_size": 64,
-            "epochs": 12,
+            "epochs": 30,
             "batch_size": 16,
             "backbone": "efficientnet_lite0",
             "feature_stride": 8,
@@ -477,13 +479,13 @@ class DRDC(AnomalyMethod):
             "neighbor_size": 3,
             "train_grid_sizes": (1, 8),
             "train_max_timestep": 300,
-            "unet_base_channels": 32,
+            "unet_base_channels": 16,  # ~4x cheaper than 32, which buys 30 epochs instead of 12
             "unet_channel_mult": (1, 2, 2),
             "unet_layers_per_block": 1,
             "unet_attention_resolutions": (16,),
-            "unet_head_channels": 32,
+            "unet_head_channels": 16,
             "unet_norm_groups": 8,
-            "base_lr": 1e-3,
+            "base_lr": 3e-3,  # features have norm ~100: 1e-3 left L_feat far from converged in 180 steps
             "diffusion_lr": 1e-3,
             "lr_decay_epoch": None,
             "timesteps": (200, 100, 0),

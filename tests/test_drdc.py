@@ -487,3 +487,21 @@ def test_fusion_modes_select_timesteps_and_scales():
     assert torch.allclose(heat("spatial"), heat("none"))
     assert not torch.allclose(heat("temporal"), heat("none"))
     assert not torch.allclose(heat("spatial", (1, 4)), heat("none", (1, 4)))
+
+
+def test_inpainting_loss_targets_the_normal_image_through_eq9():
+    """Eq. 12 as trained: x_t forwards I_in; a network whose ε makes x̃_0 (Eq. 9) equal
+    the normal image has zero loss, and on known pixels the target is plain ε."""
+    model = tiny_model()
+    images = batch(2).images
+    known = torch.ones(2, 1, 32, 32)
+    known[:, :, :16] = 0
+    fill, noise = torch.randn_like(images), torch.randn_like(images)
+    condition = noised_condition(images, known, fill)
+    t = torch.tensor([5, 200])
+    x_t = model.diffusion.q_sample(condition, t, noise)
+    target = model.diffusion.predict_eps_from_x0(x_t, t, images)
+    assert torch.allclose((known * target), known * noise, atol=1e-4)
+    assert torch.allclose(model.diffusion.predict_x0_from_eps(x_t, t, target), images, atol=1e-3)
+    model.unet.forward = lambda x, t_: target  # the ideal inpainter
+    assert model.inpainting_loss(images, condition, known, t, noise).item() < 1e-8
