@@ -174,7 +174,8 @@ def run(tokens: list[str]) -> dict[str, Any]:
         return params
 
     tags = {"ablation": space.name, "dataset": settings.dataset, "scale": scale, "method": space.method,
-            "git_commit": tracking.git_commit(), "search": space.search, "selection_metric": space.metric}
+            "git_commit": tracking.git_commit(), "search": space.search, "selection_metric": space.metric,
+            "method_overrides": " ".join(f"method.{k}={v}" for k, v in sorted(cli_method.items())) or "none"}
     parent = tracking.start_sweep_run(mlflow_client, experiment, sweep_name, tags,
                                       {**flatten({"settings": config_to_dict(settings)}), "categories": ",".join(categories),
                                        "skipped_points": "; ".join(skipped) or "none"}, resume=bool(resume_dir))
@@ -210,6 +211,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
                 "tracking_uri": uri, "reports": [], "parent_run_id": parent}
     tracking.finish_run(mlflow_client, parent, ok=not failed)
     written = report.write_reports(space.name, uri, Path("reports"))
+    written += report.write_leaderboard(uri, Path("reports"))
     for path in written:
         mlflow_client.log_artifact(parent, str(path), artifact_path="report")
     summary = {"sweep": sweep_name, "trials": len(results), "failed": len(failed), "tracking_uri": uri,

@@ -372,7 +372,7 @@ def test_config_is_frozen() -> None:
 
 # ---- search spaces -------------------------------------------------------------------
 
-SPACES = ("diffusionad_noise_scales", "diffusionad_guidance", "diffusionad_paradigm", "diffusionad_topk")
+SPACES = ("diffusionad_noise_scales", "diffusionad_guidance", "diffusionad_paradigm", "diffusionad_train_paradigm", "diffusionad_topk")
 
 
 @pytest.mark.parametrize("name", SPACES)
@@ -421,3 +421,36 @@ def test_inference_only_spaces_share_one_trained_model() -> None:
     assert models("diffusionad_guidance") == 1
     assert models("diffusionad_topk") == 1
     assert models("diffusionad_paradigm") == 2
+    assert models("diffusionad_train_paradigm") == 2  # trained one-step, trained DDIM-30
+
+
+def test_paper_numbers_of_tables_vii_and_viii() -> None:
+    """The paper blocks hold Table VII / VIII (VisA) as printed; rows shared by the two
+    tables agree, and every Table VII row of the space has its FPS."""
+    from orchestrator import search_space
+
+    vii = search_space.load("diffusionad_paradigm")
+    viii = search_space.load("diffusionad_train_paradigm")
+    table_vii = {  # I, P, O, A, F
+        "Norm-guided": (98.8, 98.9, 96.0, 45.8, 23.5),
+        "One-step": (98.0, 98.6, 94.7, 44.2, 26.7),
+        "DDIM-30": (96.6, 98.2, 91.9, 41.4, 0.92),
+        "Iterative-400": (96.8, 98.5, 92.5, 42.5, 0.09),
+    }
+    assert set(vii.condition_names()) == set(table_vii)
+    for row, values in table_vii.items():
+        got = vii.paper["rows"][row]["visa"]
+        assert (got["det"], got["pixel_auroc"], got["loc"], got["pixel_ap"], got["fps"]) == values, row
+    table_viii = {
+        "One-step / One-step": (98.0, 98.6),
+        "One-step / Iterative-400": (96.8, 98.5),
+        "One-step / DDIM-30": (96.6, 98.2),
+        "Iterative-400 / Iterative-400": (98.3, 98.8),
+        "DDIM-30 / DDIM-30": (98.2, 98.6),
+    }
+    for row, values in table_viii.items():
+        got = viii.paper["rows"][row]["visa"]
+        assert (got["det"], got["pixel_auroc"]) == values, row
+    for vii_row, viii_row in (("One-step", "One-step / One-step"), ("Iterative-400", "One-step / Iterative-400"), ("DDIM-30", "One-step / DDIM-30")):
+        assert table_vii[vii_row][:2] == table_viii[viii_row]
+    assert set(viii.condition_names()) <= set(table_viii)

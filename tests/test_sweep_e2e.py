@@ -72,6 +72,8 @@ def test_inference_only_sweep_trains_once_and_logs_everything(tmp_path, cache_di
     assert "validation split" in text and "3 trials" in text
     for suffix in (".csv", ".tex", ".png"):
         assert report.with_suffix(suffix).stat().st_size > 0
+    board = (tmp_path / "reports" / "leaderboard.md").read_text()  # the λ = 0.95 start point is the default row
+    assert "| transfusion | Synthetic | smoke |" in board and "method.epochs=1 method.steps=5" in board
 
     again = sweep.run(args)  # same training config: everything comes from the model store
     runs = mlflow.search_runs(experiment_names=["transfusion_lambda"])
