@@ -25,6 +25,7 @@ overhead ratio is an upper bound of what a larger machine sees.
 from __future__ import annotations
 
 import argparse
+import os
 import heapq
 import logging
 import tempfile
@@ -90,6 +91,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        os.chdir(root)  # the sweeps write their reports under ./reports
         cache_dir = root / "cache"
         list_categories("synthetic", None, cache_dir=cache_dir)
         load_data("synthetic", [CATEGORY], resolve_method_config("transfusion", "smoke"), root=None, cache_dir=cache_dir,

@@ -349,14 +349,17 @@ class DiffusionAD(AnomalyMethod):
     Config: ClassVar[type] = DiffusionADConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
-        # CPU minutes: 64 px, a ~0.4 M-parameter UNet and a small segmentation net.
+        # CPU minutes: 64 px, a ~0.37 M-parameter UNet and a ~0.23 M segmentation net.
         # T, t_s, t_b, τ and t_single keep the paper's values (same noise levels).
         # Learning rates are raised because a few hundred steps replace 3000 epochs;
+        # batch 8 (4 normal + 4 synthetic) gives 400 steps over 80 images: on the
+        # synthetic brick category it reached test image AUROC 0.93 where batch 16
+        # (200 steps, same compute) reached 0.87 (tests/test_diffusionad_learning.py).
         # top_k = 50 at 256² becomes 3 pixels at 64².
         "smoke": {
             "image_size": 64,
             "epochs": 40,
-            "batch_size": 16,
+            "batch_size": 8,
             "lr": 1e-3,
             "seg_lr": 1e-3,
             "base_channels": 16,

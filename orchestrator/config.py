@@ -71,7 +71,7 @@ class Settings:
     reuse_models: bool = True  # false: every trial trains its own model (no train-once sharing; for benchmarks)
     tracking_uri: Optional[str] = None  # MLflow store; default $MLFLOW_TRACKING_URI or ./mlflow.db
     storage_path: str = "ray_results"  # Ray Tune/Train storage and the model store (shared on clusters)
-    eval_every: int = 0  # epochs between validation reports during training (0 = epochs // 4)
+    eval_every: int = 0  # epochs between validation reports + checkpoints (0 = auto: epochs // 4 with ASHA or >= 100 epochs, else the last epoch)
     eval_batch_size: int = 16  # images per predict() call
     latency_images: int = 4  # images timed one at a time for batch-1 latency
     sample_maps: int = 4  # anomaly-map PNGs logged per trial

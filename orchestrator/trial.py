@@ -133,7 +133,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     epochs = method_config.epochs
-    eval_every = settings.eval_every or max(1, epochs // 4)
+    eval_every = cfg["eval_every"]
     for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
         terms = training.train_epoch(ddp_model, optimizers, data, method_config.batch_size, epoch, seed, device, rank, world_size)
@@ -165,6 +165,17 @@ def validation_metrics(model, datas, settings: Settings, device: torch.device) -
     return {f"val_{name}": float(np.mean([getattr(m, name) for m in per_category])) for name in METRIC_NAMES}
 
 
+def validation_period(eval_every: int, epochs: int, asha: bool) -> int:
+    """Epochs between validation reports + checkpoints. ``eval_every=0`` (auto): four per
+    training when ASHA needs intermediate results or the training is long enough
+    (>= 100 epochs) for checkpoints to matter; otherwise only the last epoch, because at
+    smoke scale each validation pass costs about as much as several epochs and the
+    trial validates again after training anyway."""
+    if eval_every:
+        return eval_every
+    return max(1, epochs // 4) if asha or epochs >= 100 else epochs
+
+
 def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key: ModelKey, run_name: str) -> None:
     """Run Ray Train for one model; its validation reports reach Tune (and ASHA).
     A ``run_name`` with checkpoints in storage resumes from the latest one."""
@@ -172,7 +183,8 @@ def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": s, "method": spec.space.method, "method_config": method_config, "key": key,
-                           "categories": categories, "storage_path": spec.storage_path},
+                           "categories": categories, "storage_path": spec.storage_path,
+                           "eval_every": validation_period(s.eval_every, method_config.epochs, bool(spec.space.asha))},
         scaling_config=ScalingConfig(num_workers=s.trial.workers, use_gpu=s.trial.gpus > 0,
                                      resources_per_worker={"CPU": s.trial.cpus, **({"GPU": s.trial.gpus} if s.trial.gpus else {})}),
         run_config=RunConfig(
