@@ -83,6 +83,10 @@ def connect_ray(settings: Settings) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # a cluster (or the job's own head under `ray job submit`)
     else:
+        # A trial's Ray Train worker group waits for CPUs while other trials train or
+        # evaluate; on a laptop that can take minutes, which is not an error (Ray Train's
+        # default start-up timeout, 60 s, logs one and retries).
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
         # address="local": never attach to a stale cluster named in /tmp/ray (FACTS.md).
         ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True)
 

@@ -389,7 +389,7 @@ def test_presets_resolve_and_lists_become_tuples():
     from orchestrator.config import resolve_method_config
 
     smoke = resolve_method_config("drdc", "smoke", {"num_categories": 4, "grid_sizes": [1, 4]})
-    assert smoke.image_size == 64 and smoke.num_categories == 4 and smoke.grid_sizes == (1, 4)
+    assert smoke.image_size == 128 and smoke.num_categories == 4 and smoke.grid_sizes == (1, 4)
     assert resolve_method_config("drdc", "paper") == DRDCConfig()
 
 
