@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(PY) -m orchestrator.sweep ablation=transfusion_steps
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
