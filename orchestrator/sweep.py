@@ -28,6 +28,8 @@ from orchestrator.errors import ConfigError, UserError
 
 log = logging.getLogger("orchestrator.sweep")
 
+TRIAL_DRIVER_MEMORY = 2**20  # bytes of Ray logical memory; see the trainable below
+
 
 def settings_for(space: spaces.SearchSpace, values: dict[str, Any]) -> Settings:
     """The search space's defaults (dataset, scale, categories, trial resources) under the command line."""
@@ -187,7 +189,11 @@ def run(tokens: list[str]) -> dict[str, Any]:
     mlflow_client.log_artifact(parent, str(space_file), artifact_path="config")
     logger = tracking.MLflowTrialLogger(uri, experiment, parent, trial_params, {"ablation": space.name, "dataset": settings.dataset})
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": 0.01})
+    # The trial function only drives Ray Train and waits; Train's workers and the
+    # evaluation task hold the CPUs/GPUs. It must claim *no* CPU: even 0.01 CPU per
+    # trial leaves 1.98 of 2 CPUs, and the second trial's 1-CPU worker never fits.
+    # A bundle cannot be empty, so it claims 1 MiB of Ray's logical memory instead.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if resume_dir:
         log.info("resuming sweep %s", resume_dir)
         tuner = tune.Tuner.restore(str(resume_dir), trainable, resume_errored=True)
@@ -197,7 +203,10 @@ def run(tokens: list[str]) -> dict[str, Any]:
             param_space=param_space,
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg, scheduler=scheduler,
                                         num_samples=settings.num_samples or space.num_samples,
-                                        max_concurrent_trials=settings.max_concurrent),
+                                        max_concurrent_trials=settings.max_concurrent,
+                                        # one trial-driver process serves trial after trial instead of
+                                        # each paying a fresh process's imports (torch, diffusers, Ray Train)
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=sweep_name, storage_path=str(sweeps_root),
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                       callbacks=[logger]),

@@ -8,9 +8,10 @@ sweep) continues that training run from its last checkpoint instead of restartin
 Train once, evaluate many: the trial resolves its method config, computes the model
 key of its training fields (orchestrator/store.py) and trains only if no stored model
 has that key — and only if no other trial is already training it. Evaluation
-(validation + test split + timings + sample maps) runs as a Ray task holding the
-trial's CPU/GPU resources, so inference-only trials cost seconds, not a TorchTrainer
-start-up.
+(validation + test split + timings + sample maps) runs where the model already is: in
+the training worker right after its last epoch when the trial trained it, else as a Ray
+task holding the trial's CPU/GPU resources, so inference-only trials cost seconds, not
+a TorchTrainer start-up.
 """
 
 from __future__ import annotations
@@ -142,7 +143,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             continue
         report = {"epoch": epoch + 1, "train_seconds": train_seconds, **{f"train_{k}": v for k, v in terms.items()}}
         if rank == 0:
-            report.update(validation_metrics(model, datas, settings, device))
+            if epoch + 1 == epochs:
+                # The trained model is in memory: evaluate validation *and* test here, once,
+                # instead of in a task that would reload model and data and repeat the
+                # validation pass. Only the validation metrics reach Tune.
+                evaluation = evaluate_datas(model, datas, settings, device, Path(cfg["artifact_dir"]), train_seconds)
+                write_json(Path(cfg["evaluation_path"]), evaluation)
+                report.update(mean_validation(evaluation))
+            else:
+                report.update(validation_metrics(model, datas, settings, device))
             with tempfile.TemporaryDirectory() as folder:
                 state = {"model": model.state_dict(), "optimizer": optimizers.optimizer.state_dict(), "epoch": epoch,
                          "scheduler": optimizers.scheduler.state_dict() if optimizers.scheduler else None, "train_seconds": train_seconds}
@@ -154,6 +163,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         meta = {"method": cfg["method"], "categories": categories, "epochs": epochs, "train_seconds": train_seconds,
                 "world_size": world_size, "device": str(device)}
         ModelStore(cfg["storage_path"]).save(key, {k: v.cpu() for k, v in model.state_dict().items()}, meta)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)  # atomic: a reader sees all of it or nothing
 
 
 def validation_metrics(model, datas, settings: Settings, device: torch.device) -> dict[str, float]:
@@ -176,14 +192,22 @@ def validation_period(eval_every: int, epochs: int, asha: bool) -> int:
     return max(1, epochs // 4) if asha or epochs >= 100 else epochs
 
 
-def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key: ModelKey, run_name: str) -> None:
-    """Run Ray Train for one model; its validation reports reach Tune (and ASHA).
-    A ``run_name`` with checkpoints in storage resumes from the latest one."""
+def evaluation_path(spec: TrialSpec, trial_id: str, key: ModelKey) -> Path:
+    """Where the training worker leaves the trial's evaluation of the model it trained."""
+    return Path(spec.artifact_dir) / trial_id / f"evaluation-{key.short}.json"
+
+
+def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key: ModelKey, run_name: str, trial_id: str) -> None:
+    """Run Ray Train for one model; its validation reports reach Tune (and ASHA), and
+    its final evaluation lands at :func:`evaluation_path`. A ``run_name`` with
+    checkpoints in storage resumes from the latest one."""
     s = spec.settings
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": s, "method": spec.space.method, "method_config": method_config, "key": key,
                            "categories": categories, "storage_path": spec.storage_path,
+                           "artifact_dir": str(Path(spec.artifact_dir) / trial_id),
+                           "evaluation_path": str(evaluation_path(spec, trial_id, key)),
                            "eval_every": validation_period(s.eval_every, method_config.epochs, bool(spec.space.asha))},
         scaling_config=ScalingConfig(num_workers=s.trial.workers, use_gpu=s.trial.gpus > 0,
                                      resources_per_worker={"CPU": s.trial.cpus, **({"GPU": s.trial.gpus} if s.trial.gpus else {})}),
@@ -204,7 +228,7 @@ def ensure_model(spec: TrialSpec, method_config: Any, categories: list[str], own
     claims = ray.get_actor(spec.claims_actor)
     retrain = spec.settings.retrain
     if not spec.settings.reuse_models:  # every trial trains its own copy (measures the train-once gain)
-        train_model(spec, method_config, categories, key, f"train-{key.short}-{owner}")
+        train_model(spec, method_config, categories, key, f"train-{key.short}-{owner}", owner)
         return key, True
     # The run name is stable across resume=true (an interrupted training continues from its
     # last checkpoint) but fresh for retrain=true (a finished one would only be reloaded).
@@ -219,7 +243,7 @@ def ensure_model(spec: TrialSpec, method_config: Any, categories: list[str], own
         if status == "train":
             ok = False
             try:
-                train_model(spec, method_config, categories, key, run_name)
+                train_model(spec, method_config, categories, key, run_name, owner)
                 ok = store.exists(key)
             finally:
                 ray.get(claims.finish.remote(key.key, owner, ok))
@@ -236,18 +260,25 @@ def ensure_model(spec: TrialSpec, method_config: Any, categories: list[str], own
 
 
 def evaluate_model(spec: TrialSpec, method_config: Any, categories: list[str], key: ModelKey, trial_id: str) -> dict[str, Any]:
-    """Load a stored model and evaluate it on the validation and test splits of each of
-    its categories (runs as a Ray task with the trial's resources)."""
+    """Load a stored model and evaluate it (runs as a Ray task with the trial's resources,
+    for trials that did not train their model themselves)."""
     s = spec.settings
     device = torch.device("cuda" if s.trial.gpus > 0 and torch.cuda.is_available() else "cpu")
     state, meta = ModelStore(spec.storage_path).load(key)
     model = training.build_model(spec.space.method, method_config, training.default_backbone_factory)
     model.load_state_dict(state)
-    model.to(device).eval()
+    model.to(device)
     datas = training.load_data(s.dataset, categories, method_config, root=s.data.root, cache_dir=s.data.cache_dir,
-                               val_fraction=s.data.val_fraction, seed=s.seed, foreground=s.data.foreground, textures=s.data.textures)
-    out: dict[str, Any] = {"categories": {}, "artifacts": [], "train_seconds": meta.get("train_seconds", 0.0)}
-    artifact_dir = Path(spec.artifact_dir) / trial_id
+                               val_fraction=s.data.val_fraction, seed=s.seed, foreground=s.data.foreground,
+                               textures=s.data.textures)
+    return evaluate_datas(model, datas, s, device, Path(spec.artifact_dir) / trial_id, meta.get("train_seconds", 0.0))
+
+
+def evaluate_datas(model, datas, settings: Settings, device: torch.device, artifact_dir: Path, train_seconds: float) -> dict[str, Any]:
+    """Validation and test metrics, throughput, batch-1 latency and sample maps of a
+    model on each of its categories."""
+    s = settings
+    out: dict[str, Any] = {"categories": {}, "artifacts": [], "train_seconds": train_seconds}
     for index, d in enumerate(datas):
         val = training.evaluate_split(model, d.val_images, d.val_masks, d.val_labels, index, s.eval_batch_size, s.seed, device)
         test = training.evaluate_split(model, d.test_images, d.test_masks, d.test_labels, index, s.eval_batch_size, s.seed, device)
@@ -261,6 +292,12 @@ def evaluate_model(spec: TrialSpec, method_config: Any, categories: list[str], k
         out["artifacts"] += save_sample_maps(artifact_dir, d.category, d.test_images, test.prediction.maps, d.test_masks,
                                              d.test_labels, s.sample_maps)
     return out
+
+
+def mean_validation(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The Tune signal of an evaluation: validation metrics averaged over its categories."""
+    per_category = [r["val"] for r in evaluation["categories"].values()]
+    return {f"val_{name}": float(np.mean([m[name] for m in per_category])) for name in METRIC_NAMES}
 
 
 def flat_result(per_model: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,10 +328,14 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     per_model, keys, trained = [], [], 0
     for categories in model_groups(spec, config):
+        evaluation_path(spec, trial_id, key_for(spec, method_config, categories)).unlink(missing_ok=True)  # stale after a restart
         key, trained_here = ensure_model(spec, method_config, categories, owner=trial_id)
         trained += int(trained_here)
         keys.append(key.short)
-        per_model.append(ray.get(evaluate.remote(spec, method_config, categories, key, trial_id)))
+        done = evaluation_path(spec, trial_id, key)
+        # A training interrupted after its last epoch (then resumed) may not have evaluated.
+        per_model.append(json.loads(done.read_text()) if trained_here and done.exists()
+                         else ray.get(evaluate.remote(spec, method_config, categories, key, trial_id)))
     result = flat_result(per_model)
     result.update({"models_trained": trained, "model_keys": ",".join(keys), "done": True})
     ray.tune.report(result)
