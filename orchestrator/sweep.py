@@ -77,7 +77,7 @@ def print_help(ablation: str | None) -> None:
         print("\n".join(describe_method_fields(method)))
 
 
-def connect_ray(settings: Settings) -> None:
+def connect_ray() -> None:
     import ray
 
     if ray.is_initialized():
@@ -85,12 +85,25 @@ def connect_ray(settings: Settings) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # a cluster (or the job's own head under `ray job submit`)
     else:
-        # A trial's Ray Train worker group waits for CPUs while other trials train or
-        # evaluate; on a laptop that can take minutes, which is not an error (Ray Train's
-        # default start-up timeout, 60 s, logs one and retries).
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
-        # address="local": never attach to a stale cluster named in /tmp/ray (FACTS.md).
-        ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=True)
+        start_local_ray()
+
+
+def start_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
+    """An embedded single-machine Ray, with the Ray Train settings a laptop wants."""
+    import ray
+
+    # A trial's Ray Train worker group waits for CPUs while other trials train or
+    # evaluate; on a laptop that can take minutes, which is not an error (Ray Train's
+    # default start-up timeout, 60 s, logs one and retries).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
+    # Every Ray Train run otherwise starts one more process (importing Ray Train) to
+    # watch for spot-instance preemption, which a single machine never sees, and
+    # notices a finished worker group only at its 2 s health-check poll. Both are
+    # per-trial costs that dominate short trials on a laptop.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # address="local": never attach to a stale cluster named in /tmp/ray (FACTS.md).
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **{"log_to_driver": True, **init_kwargs})
 
 
 def latest_sweep_dir(root: Path, prefix: str) -> Path | None:
@@ -152,7 +165,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
         raise ConfigError(f"resume=true but no restorable sweep {prefix}-* under {sweeps_root}; run without resume=true")
     sweep_name = resume_dir.name if resume_dir else f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    connect_ray(settings)
+    connect_ray()
     claims_name = f"claims-{sweep_name}"
     claims = claims_actor(claims_name)
     spec = TrialSpec(space=space, settings=settings, method_overrides=cli_method, categories=tuple(categories), scale=scale,
