@@ -17,11 +17,11 @@
    <= 1.10). The longest-first packing is printed too, to show how much of the gap is
    trial order rather than overhead. Ray start-up is timed separately and excluded;
    the data cache is built before either run, so neither pays for decoding.
-   Most of the overhead is a fixed cost per training trial: Ray Train starts five
-   processes per run (controller, worker, synchronisation and queue actors and a
-   placement-group cleaner), each importing Ray and most importing torch. The bench
-   prints it in seconds per trial and the trial length at which the ratio would
-   reach 1.10.
+   The overhead is printed in seconds per trial, with the part spent in slower
+   training epochs (each trial's training seconds from MLflow vs the bare runs'). The
+   rest is mostly fixed per training trial: Ray Train starts five processes per run
+   (controller, worker, synchronisation and queue actors, a placement-group cleaner),
+   each importing Ray and most importing torch.
 2. Train-once gain. ``transfusion_lambda`` (an inference-only axis) with
    ``--lambda-trials`` Optuna trials, once as shipped (one training, n evaluations) and
    once with ``reuse_models=false`` (every trial trains its own model): the ratio of the
@@ -55,19 +55,31 @@ def makespan(durations: list[float], slots: int) -> float:
     return max(loads)
 
 
-def bare_runs(epochs: int, cache_dir: Path) -> list[float]:
+def bare_runs(epochs: int, cache_dir: Path) -> tuple[list[float], list[float]]:
+    """Wall seconds of each bare trial (training + evaluation), and its training seconds."""
     from orchestrator.training import run_local
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a trial with trial.cpus=1 gets one thread (OMP_NUM_THREADS=1 in Ray workers)
-    durations = []
+    durations, train_seconds = [], []
     for steps in STEPS:
         start = time.perf_counter()
-        run_local("transfusion", [CATEGORY], scale="smoke", overrides={"epochs": epochs, "steps": steps}, cache_dir=cache_dir)
+        result = run_local("transfusion", [CATEGORY], scale="smoke", overrides={"epochs": epochs, "steps": steps}, cache_dir=cache_dir)
         durations.append(time.perf_counter() - start)
+        train_seconds.append(result.train_seconds)
         print(f"  bare T={steps:>2}: {durations[-1]:6.1f} s", flush=True)
     torch.set_num_threads(threads)
-    return durations
+    return durations, train_seconds
+
+
+def trial_train_seconds(summary: dict) -> list[float]:
+    """Training seconds of each trial of a finished sweep, as recorded in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    runs = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return [r.data.metrics["model_train_seconds"] for r in runs]
 
 
 def sweep_seconds(ablation: str, folder: Path, cache_dir: Path, extra: list[str]) -> tuple[float, dict]:
@@ -111,18 +123,20 @@ def main() -> None:
                   val_fraction=0.2, seed=0)
 
         print(f"1. overhead: transfusion_steps (T = {', '.join(map(str, STEPS))}), {args.epochs} epochs, {CATEGORY}")
-        before = bare_runs(args.epochs, cache_dir)
+        before, before_train = bare_runs(args.epochs, cache_dir)
 
         start = time.perf_counter()
         sweep.start_local_ray(max(2, args.concurrency), logging_level=logging.WARNING)  # as the sweep would start it
         ray_start = time.perf_counter() - start
         common = [f"method.epochs={args.epochs}", f"max_concurrent={args.concurrency}"]
-        swept, _ = sweep_seconds("transfusion_steps", root / "steps", cache_dir, common)
+        swept, summary = sweep_seconds("transfusion_steps", root / "steps", cache_dir, common)
+        swept_train = sum(trial_train_seconds(summary))
 
         # Bare runs again after the sweep: a shared machine's speed drifts over minutes,
         # and the mean of before and after brackets the sweep.
-        after = bare_runs(args.epochs, cache_dir)
+        after, after_train = bare_runs(args.epochs, cache_dir)
         durations = [(a + b) / 2 for a, b in zip(before, after)]
+        bare_train = (sum(before_train) + sum(after_train)) / 2
         ideal = makespan(durations, args.concurrency)
         longest_first = makespan(sorted(durations, reverse=True), args.concurrency)
 
@@ -132,11 +146,13 @@ def main() -> None:
         print(f"  sweep (Ray up)            {swept:7.1f} s")
         print(f"  Ray start-up (separate)   {ray_start:7.1f} s")
         print(f"  sweep / ideal             {swept / ideal:7.2f}  (goal <= 1.10)")
-        # n trials of bare length L and fixed overhead o on k slots: sweep/ideal = 1 + o/L.
-        per_trial = (swept - ideal) * args.concurrency / len(durations)
-        mean_trial = sum(durations) / len(durations)
-        print(f"  overhead per trial        {per_trial:7.1f} s  (mean bare trial {mean_trial:.1f} s)")
-        print(f"  ratio 1.10 reached at     {per_trial / 0.10:7.0f} s per trial")
+        # n trials of bare length L and overhead o on k slots: sweep/ideal = 1 + o/L.
+        n_trials = len(durations)
+        per_trial = (swept - ideal) * args.concurrency / n_trials
+        slower_training = (swept_train - bare_train) / n_trials
+        print(f"  overhead per trial        {per_trial:7.1f} s  (mean bare trial {sum(durations) / n_trials:.1f} s)")
+        print(f"  ... of which training     {slower_training:7.1f} s  (epochs inside trials took {swept_train / bare_train:.2f}x "
+              f"the bare ones: CPU shared with Ray's processes)")
 
         n = args.lambda_trials
         print(f"\n2. train-once gain: transfusion_lambda, {n} trials, {args.epochs} epochs")
