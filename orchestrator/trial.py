@@ -174,11 +174,12 @@ def write_json(path: Path, value: Any) -> None:
 
 def validation_metrics(model, datas, settings: Settings, device: torch.device) -> dict[str, float]:
     """Mean validation metrics over the model's categories (the tuning signal)."""
-    per_category = [
-        training.evaluate_split(model, d.val_images, d.val_masks, d.val_labels, i, settings.eval_batch_size, settings.seed, device).metrics
+    per_category = {
+        d.category: {"val": dataclasses.asdict(training.evaluate_split(model, d.val_images, d.val_masks, d.val_labels, i,
+                                                                       settings.eval_batch_size, settings.seed, device).metrics)}
         for i, d in enumerate(datas)
-    ]
-    return {f"val_{name}": float(np.mean([getattr(m, name) for m in per_category])) for name in METRIC_NAMES}
+    }
+    return mean_validation({"categories": per_category})
 
 
 def validation_period(eval_every: int, epochs: int, asha: bool) -> int:
@@ -186,15 +187,20 @@ def validation_period(eval_every: int, epochs: int, asha: bool) -> int:
     training when ASHA needs intermediate results or the training is long enough
     (>= 100 epochs) for checkpoints to matter; otherwise only the last epoch, because at
     smoke scale each validation pass costs about as much as several epochs and the
-    trial validates again after training anyway."""
+    last epoch is always evaluated."""
     if eval_every:
         return eval_every
     return max(1, epochs // 4) if asha or epochs >= 100 else epochs
 
 
+def trial_dir(spec: TrialSpec, trial_id: str) -> Path:
+    """The trial's sample maps and the evaluation its training worker hands over."""
+    return Path(spec.artifact_dir) / trial_id
+
+
 def evaluation_path(spec: TrialSpec, trial_id: str, key: ModelKey) -> Path:
     """Where the training worker leaves the trial's evaluation of the model it trained."""
-    return Path(spec.artifact_dir) / trial_id / f"evaluation-{key.short}.json"
+    return trial_dir(spec, trial_id) / f"evaluation-{key.short}.json"
 
 
 def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key: ModelKey, run_name: str, trial_id: str) -> None:
@@ -202,11 +208,12 @@ def train_model(spec: TrialSpec, method_config: Any, categories: list[str], key:
     its final evaluation lands at :func:`evaluation_path`. A ``run_name`` with
     checkpoints in storage resumes from the latest one."""
     s = spec.settings
+    evaluation_path(spec, trial_id, key).unlink(missing_ok=True)  # left by an earlier attempt of this trial
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": s, "method": spec.space.method, "method_config": method_config, "key": key,
                            "categories": categories, "storage_path": spec.storage_path,
-                           "artifact_dir": str(Path(spec.artifact_dir) / trial_id),
+                           "artifact_dir": str(trial_dir(spec, trial_id)),
                            "evaluation_path": str(evaluation_path(spec, trial_id, key)),
                            "eval_every": validation_period(s.eval_every, method_config.epochs, bool(spec.space.asha))},
         scaling_config=ScalingConfig(num_workers=s.trial.workers, use_gpu=s.trial.gpus > 0,
@@ -271,7 +278,7 @@ def evaluate_model(spec: TrialSpec, method_config: Any, categories: list[str], k
     datas = training.load_data(s.dataset, categories, method_config, root=s.data.root, cache_dir=s.data.cache_dir,
                                val_fraction=s.data.val_fraction, seed=s.seed, foreground=s.data.foreground,
                                textures=s.data.textures)
-    return evaluate_datas(model, datas, s, device, Path(spec.artifact_dir) / trial_id, meta.get("train_seconds", 0.0))
+    return evaluate_datas(model, datas, s, device, trial_dir(spec, trial_id), meta.get("train_seconds", 0.0))
 
 
 def evaluate_datas(model, datas, settings: Settings, device: torch.device, artifact_dir: Path, train_seconds: float) -> dict[str, Any]:
@@ -328,7 +335,6 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     per_model, keys, trained = [], [], 0
     for categories in model_groups(spec, config):
-        evaluation_path(spec, trial_id, key_for(spec, method_config, categories)).unlink(missing_ok=True)  # stale after a restart
         key, trained_here = ensure_model(spec, method_config, categories, owner=trial_id)
         trained += int(trained_here)
         keys.append(key.short)
