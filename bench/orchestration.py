@@ -106,10 +106,10 @@ def main() -> None:
 
     import ray
 
-    from orchestrator import sweep
-    from orchestrator.data import list_categories
-    from orchestrator.training import load_data
+    from orchestrator import ray_backend
     from orchestrator.config import resolve_method_config
+    from orchestrator.data import DataSpec, list_categories
+    from orchestrator.training import load_datas
 
     if args.epochs is None:
         args.epochs = resolve_method_config("transfusion", "smoke").epochs
@@ -119,14 +119,13 @@ def main() -> None:
         os.chdir(root)  # the sweeps write their reports under ./reports
         cache_dir = root / "cache"
         list_categories("synthetic", None, cache_dir=cache_dir)
-        load_data("synthetic", [CATEGORY], resolve_method_config("transfusion", "smoke"), root=None, cache_dir=cache_dir,
-                  val_fraction=0.2, seed=0)
+        load_datas(DataSpec("synthetic", None, str(cache_dir), val_fraction=0.2, seed=0), [CATEGORY], resolve_method_config("transfusion", "smoke"))
 
         print(f"1. overhead: transfusion_steps (T = {', '.join(map(str, STEPS))}), {args.epochs} epochs, {CATEGORY}")
         before, before_train = bare_runs(args.epochs, cache_dir)
 
         start = time.perf_counter()
-        sweep.start_local_ray(max(2, args.concurrency), logging_level=logging.WARNING)  # as the sweep would start it
+        ray_backend.start_local_ray(max(2, args.concurrency), logging_level=logging.WARNING)  # as the sweep would start it
         ray_start = time.perf_counter() - start
         common = [f"method.epochs={args.epochs}", f"max_concurrent={args.concurrency}"]
         swept, summary = sweep_seconds("transfusion_steps", root / "steps", cache_dir, common)

@@ -1,7 +1,8 @@
 """Synthetic anomalies for discriminative training (DRAEM / MemSeg style).
 
 Used by TransFusion (§3.3, anomalies from MemSeg [38]), DiffusionAD (§IV-D, Eq. 12) and
-the orchestrator's validation split. An anomaly is a Perlin-noise mask M (random scale
+the orchestrator's validation split; :func:`synthesize_nonempty_anomalies` is the one
+loop that redraws the samples whose mask came out empty. An anomaly is a Perlin-noise mask M (random scale
 2^U{0..5} per axis, random rotation, thresholded), restricted to the foreground, filled
 with an appearance A taken either from a texture source image or from the image itself
 with its 8x8 grid of patches shuffled, blended with opacity β:
@@ -15,7 +16,7 @@ All functions are batched tensor functions driven by an explicit ``torch.Generat
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,12 @@ class SyntheticAnomalies(NamedTuple):
     masks: torch.Tensor  # [B, 1, H, W] float {0, 1}
     appearance: torch.Tensor  # [B, 3, H, W] anomaly appearance A
     noise: torch.Tensor  # [B, 1, H, W] Perlin map the mask was thresholded from (rotated)
+
+
+class NonEmptyAnomalies(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W]; the input image where no draw succeeded
+    masks: torch.Tensor  # [B, 1, H, W] float {0, 1}; zero where no draw succeeded
+    found: torch.Tensor  # [B] bool: the sample got a mask of at least min_pixels pixels
 
 
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
@@ -143,8 +150,8 @@ def synthesize_anomalies(
     images, textures: [B, 3, H, W] in [-1, 1]; foreground [B, 1, H, W] {0, 1}. The
     appearance is the (jittered) texture with probability ``texture_probability``, else
     the image's own shuffled patches. Masks can come out empty for a few samples
-    (small noise peaks outside the foreground); callers that need non-empty masks
-    resample those.
+    (small noise peaks outside the foreground); :func:`synthesize_nonempty_anomalies`
+    redraws those.
     """
     b, _, h, w = images.shape
     device = images.device
@@ -160,3 +167,52 @@ def synthesize_anomalies(
     beta = _uniform(generator, (b, 1, 1, 1), *opacity).to(device)
     blended = (1 - beta * masks) * images + beta * masks * appearance
     return SyntheticAnomalies(blended, masks, appearance, noise)
+
+
+def synthesize_nonempty_anomalies(
+    images: torch.Tensor,
+    textures: torch.Tensor,
+    foreground: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    min_pixels: int = 1,
+    max_rounds: int = 5,
+    texture_pool: bool = False,
+    widen_after: int | None = None,
+    **synthesis: Any,
+) -> NonEmptyAnomalies:
+    """:func:`synthesize_anomalies` for every image, redrawing (only) the samples whose
+    mask has fewer than ``min_pixels`` pixels, for at most ``max_rounds`` rounds.
+
+    images [B, 3, H, W] in [-1, 1]; foreground [B, 1, H, W] {0, 1}; ``synthesis`` goes to
+    :func:`synthesize_anomalies` (opacity, texture_probability, threshold, ...).
+    ``textures`` is one texture per image [B, 3, H, W], or with ``texture_pool`` a pool
+    [N, 3, H, W] from which every round first draws one texture per pending sample
+    (uniformly, from ``generator``). With ``widen_after`` = r, rounds r, r + 1, ... ignore
+    the foreground, so that a tiny (or missing) foreground estimate cannot stall.
+
+    Random draws happen in a fixed order (per round: the texture pick, then the
+    synthesis of the pending samples), so a seeded generator gives the same anomalies.
+    A sample that never succeeds keeps its image, gets an all-zero mask and
+    ``found = False``; the caller decides whether that is an error.
+    """
+    out_images = images.clone()
+    out_masks = torch.zeros_like(images[:, :1])
+    todo = torch.arange(images.shape[0], device=images.device)
+    for round_index in range(max_rounds):
+        if todo.numel() == 0:
+            break
+        if texture_pool:
+            source = textures[torch.randint(0, len(textures), (len(todo),), generator=generator)]
+        else:
+            source = textures[todo]
+        region = foreground[todo]
+        if widen_after is not None and round_index >= widen_after:
+            region = torch.ones_like(region)
+        result = synthesize_anomalies(images[todo], source, region, generator, **synthesis)
+        ok = (result.masks > 0.5).flatten(1).sum(1) >= min_pixels
+        out_images[todo[ok]], out_masks[todo[ok]] = result.images[ok], result.masks[ok]
+        todo = todo[~ok]
+    found = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    found[todo] = False
+    return NonEmptyAnomalies(out_images, out_masks, found)

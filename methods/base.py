@@ -1,16 +1,25 @@
-"""The one interface between the orchestrator and a method.
+"""The one interface between the orchestrator and a method: everything the orchestrator
+may use is declared here.
 
 A method is an ``nn.Module`` subclass of :class:`AnomalyMethod` with
 
-* ``Config``: a frozen dataclass whose defaults are the paper's values. Every field is
-  declared with :func:`train_field` or :func:`infer_field`, which says whether changing
-  it requires training a new model (the orchestrator hashes only the training fields to
-  find a stored model it can reuse).
+* ``Config``: a frozen dataclass deriving from :class:`MethodConfig` whose defaults are
+  the paper's values. Every field is declared with :func:`train_field` or
+  :func:`infer_field`, which says whether changing it requires training a new model (the
+  orchestrator hashes only the training fields to find a stored model it can reuse).
+  :class:`MethodConfig` holds the fields the orchestrator reads (image size, crop,
+  epochs, batch size, learning rate); a multi-class method derives its config from
+  :class:`MultiClassConfig` and the orchestrator fills ``num_categories`` through
+  :meth:`AnomalyMethod.category_overrides`.
 * ``PRESETS``: per-scale overrides of the config (``"paper"`` is the empty override).
 * ``forward(batch) -> Losses``: one training step's losses (``forward`` so that DDP's
   gradient hooks fire when the orchestrator wraps the module).
-* ``predict(images, category) -> Prediction``: anomaly map and image score.
-* ``configure_optimizers() -> Optimizers``: the paper's optimiser and LR schedule.
+* ``predict(images, category, generator) -> Prediction``: a template (eval mode, no
+  grad, one generator rule) around the method's own :meth:`AnomalyMethod.infer`.
+* ``configure_optimizers() -> Optimizers | None``: the paper's optimiser and LR
+  schedule, or ``None`` for a method with nothing to train by gradient descent. Then the
+  training loop runs ``forward`` without gradients over the training data (to fill a
+  memory bank, say), builds no optimiser and wraps nothing in DDP.
 
 Methods are pure PyTorch: no Ray, MLflow, orchestrator or file I/O. Things that need
 files (pretrained backbone weights) are injected through ``backbone_factory``.
@@ -22,9 +31,10 @@ import abc
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -42,18 +52,79 @@ def infer_field(default: Any, doc: str) -> Any:
     return field(default=default, metadata={TRAIN: False, "doc": doc})
 
 
+def check(ok: bool, message: str) -> None:
+    """The one validation idiom of method configs: a ValueError with a one-line message
+    naming the field, the valid range and the value (the orchestrator shows it as is)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def coerce_enum(kind: type[Enum], name: str, value: Any) -> Enum:
+    """``value`` (an enum member or its string value) as a member of ``kind``."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {', '.join(str(k.value) for k in kind)}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The fields every method has, and the only ones the orchestrator reads.
+
+    ``__post_init__`` coerces enum fields from their string values and lists to tuples
+    (OmegaConf hands both over in their plain form), then calls :meth:`validate`, which
+    subclasses extend (calling ``super().validate()`` first).
+    """
+
+    image_size: int = train_field(256, "resize side in pixels")
+    crop_size: int | None = train_field(None, "centre-crop side after resizing; None = no crop")
+    epochs: int = train_field(1, "training epochs (0 = nothing to train)")
+    batch_size: int = train_field(8, "global batch size (over all DDP workers)")
+    learning_rate: float = train_field(1e-4, "learning rate of the main optimiser")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            if isinstance(kind, type) and issubclass(kind, Enum):
+                object.__setattr__(self, f.name, coerce_enum(kind, f.name, value))
+            elif isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        check(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        check(self.crop_size is None or 1 <= self.crop_size <= self.image_size,
+              f"crop_size must be None or in [1, image_size={self.image_size}], got {self.crop_size}")
+        check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+
+    @property
+    def input_size(self) -> int:
+        """Side of the images the network sees (after the optional centre crop)."""
+        return self.crop_size if self.crop_size is not None else self.image_size
+
+
+@dataclass(frozen=True)
+class MultiClassConfig(MethodConfig):
+    """Config of a method that trains one model over several categories at once."""
+
+    num_categories: int = train_field(1, "categories trained together (set by the orchestrator from the category list)")
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.num_categories >= 1, f"num_categories must be >= 1, got {self.num_categories}")
+
+
 def field_docs(config_class: type) -> dict[str, tuple[bool, str]]:
     """name -> (affects_training, doc) for every field of a method config."""
     return {f.name: (bool(f.metadata.get(TRAIN, True)), f.metadata.get("doc", "")) for f in dataclasses.fields(config_class)}
 
 
-def training_fields(config: Any) -> dict[str, Any]:
+def training_fields(config: MethodConfig) -> dict[str, Any]:
     """The sub-config that determines the trained weights (JSON-able values)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        if f.metadata.get(TRAIN, True):
-            out[f.name] = _plain(getattr(config, f.name))
-    return out
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config) if f.metadata.get(TRAIN, True)}
 
 
 def config_fingerprint(values: dict[str, Any]) -> str:
@@ -114,32 +185,52 @@ BackboneFactory = Callable[[str], nn.Module]
 
 
 class AnomalyMethod(nn.Module, abc.ABC):
-    """Base class of the four methods; see the module docstring for the contract."""
+    """Base class of every method; see the module docstring for the contract."""
 
-    Config: ClassVar[type]
+    Config: ClassVar[type[MethodConfig]]
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}}
     # True for methods that train one model over the union of a dataset's categories
-    # (the unified / multi-class setting), e.g. DRDC.
+    # (the unified / multi-class setting), e.g. DRDC. Their Config is a MultiClassConfig.
     multi_class: ClassVar[bool] = False
 
-    def __init__(self, config: Any, backbone_factory: BackboneFactory | None = None):
+    def __init__(self, config: MethodConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def category_overrides(cls, categories: Sequence[str]) -> dict[str, Any]:
+        """Config fields set from the categories one model is trained on."""
+        return {"num_categories": len(categories)} if cls.multi_class else {}
 
     @abc.abstractmethod
     def forward(self, batch: TrainBatch) -> Losses:
         """One training step: the paper's losses on a batch of normal images."""
 
     @abc.abstractmethod
+    def configure_optimizers(self) -> Optimizers | None:
+        """The paper's optimiser and LR schedule, or None when nothing is trained by
+        gradient descent."""
+
+    @abc.abstractmethod
+    def infer(self, images: torch.Tensor, category: torch.Tensor | None, generator: torch.Generator) -> Prediction:
+        """The method's inference on images [B, 3, H, W] in [-1, 1]; called by
+        :meth:`predict` in eval mode, without gradients, with a generator on the images'
+        device that every random draw must use."""
+
     def predict(
         self,
         images: torch.Tensor,
         category: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Prediction:
-        """Anomaly maps and image scores for images [B, 3, H, W] in [-1, 1] (no grad;
-        deterministic for a given generator state)."""
-
-    @abc.abstractmethod
-    def configure_optimizers(self) -> Optimizers:
-        """The paper's optimiser and LR schedule for this model's parameters."""
+        """Anomaly maps and image scores. Deterministic: without a generator one seeded
+        with 0 is used, so two calls on the same images agree."""
+        if generator is None:
+            generator = torch.Generator(device=images.device).manual_seed(0)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.infer(images, category, generator)
+        finally:
+            self.train(was_training)

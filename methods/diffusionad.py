@@ -1,7 +1,7 @@
 """DiffusionAD: norm-guided one-step denoising diffusion for anomaly detection.
 
 Zhang et al., "DiffusionAD: Norm-guided One-step Denoising Diffusion for Anomaly
-Detection" (paper: ../shared/papers/diffusionad_clean.md). A reconstruction
+Detection" (official code HuiZhang0812/DiffusionAD). A reconstruction
 sub-network (an ε-prediction diffusion UNet) turns the input into an anomaly-free
 image x̂_0 ("noise-to-norm"), and a segmentation sub-network (DRAEM-style U-Net on the
 6-channel concatenation [x_0, x̂_0]) predicts the pixel anomaly map. Both are trained
@@ -55,10 +55,11 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 
-from methods.anomaly_synthesis import synthesize_anomalies
-from methods.base import TRAIN, AnomalyMethod, BackboneFactory, Losses, Optimizers, Prediction, TrainBatch, infer_field, train_field
+from methods.anomaly_synthesis import synthesize_nonempty_anomalies
+from methods.base import TRAIN, AnomalyMethod, BackboneFactory, Losses, MethodConfig, Optimizers, Prediction, TrainBatch, check, infer_field, train_field
 from methods.gaussian_diffusion import BetaSchedule, GaussianDiffusion, extract
 from methods.losses import focal_loss, smooth_l1_loss
+from methods.scoring import scaled_top_k, top_k_mean
 from methods.segmentation import SegmentationUNet
 from methods.unet import UNet
 
@@ -79,16 +80,15 @@ class Paradigm(str, Enum):
 
 
 @dataclass(frozen=True)
-class DiffusionADConfig:
+class DiffusionADConfig(MethodConfig):
     """DiffusionAD hyperparameters; defaults are the paper's (§V-A) and official code's."""
 
-    # Data and schedule of training.
+    # Data and schedule of training (crop_size: the base's None, no crop).
     image_size: int = train_field(256, "input resolution (images resized to image_size², §V-A)")
-    crop_size: int | None = train_field(None, "centre crop after resizing; None = no crop")
     epochs: int = train_field(3000, "training epochs (§V-A)")
     batch_size: int = train_field(16, "global batch: normal + synthetic samples (§V-A: 8 + 8)")
-    lr: float = train_field(1e-4, "Adam learning rate of the reconstruction UNet (§V-A)")
-    seg_lr: float = train_field(1e-5, "Adam learning rate of the segmentation network (official code)")
+    learning_rate: float = train_field(1e-4, "Adam learning rate of the reconstruction UNet (§V-A)")
+    segmentation_learning_rate: float = train_field(1e-5, "Adam learning rate of the segmentation network (official code)")
 
     # Diffusion process.
     num_timesteps: int = train_field(1000, "T, diffusion steps (§V-A)")
@@ -134,73 +134,49 @@ class DiffusionADConfig:
         256, "top_k counts pixels of a reference_size² map; other sizes scale k by the pixel ratio (None = use top_k as is)"
     )
 
-    def __post_init__(self) -> None:
-        def fail(message: str) -> None:
-            raise ValueError(message)
-
-        # Coerce what YAML / plain Python hand in (strings, lists); the dataclass is frozen.
-        for name, enum in (("paradigm", Paradigm), ("train_paradigm", Paradigm), ("beta_schedule", BetaSchedule)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, enum(value))
-            except ValueError:
-                fail(f"{name} must be one of {', '.join(m.value for m in enum)}, got {value!r}")
-        for name in ("channel_mult", "attention_resolutions", "seg_channel_mult", "beta_range"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-
-        positive = ("image_size", "epochs", "batch_size", "num_timesteps", "base_channels", "layers_per_block", "head_channels", "norm_groups", "seg_base_channels", "top_k")
-        for name in positive:
-            if getattr(self, name) < 1:
-                fail(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "seg_lr"):
-            if not getattr(self, name) > 0:
-                fail(f"{name} must be > 0, got {getattr(self, name)}")
-        size = self.working_size
-        if self.crop_size is not None and not 1 <= self.crop_size <= self.image_size:
-            fail(f"crop_size must be in [1, image_size={self.image_size}] or None, got {self.crop_size}")
+    def validate(self) -> None:
+        super().validate()
+        for name in ("num_timesteps", "base_channels", "layers_per_block", "head_channels", "norm_groups", "seg_base_channels", "top_k"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.segmentation_learning_rate > 0, f"segmentation_learning_rate must be > 0, got {self.segmentation_learning_rate}")
+        size = self.input_size
         for name, mult in (("channel_mult", self.channel_mult), ("seg_channel_mult", self.seg_channel_mult)):
-            if len(mult) < 2 or any(m < 1 for m in mult):
-                fail(f"{name} needs >= 2 positive multipliers, got {mult}")
+            check(len(mult) >= 2 and all(m >= 1 for m in mult), f"{name} needs >= 2 positive multipliers, got {mult}")
             factor = 2 ** (len(mult) - 1)
-            if size % factor:
-                fail(f"working size {size} (crop_size or image_size) must be divisible by {factor}, the downsampling of {name}={mult}")
+            check(size % factor == 0, f"input size {size} (crop_size or image_size) must be divisible by {factor}, the downsampling of {name}={mult}")
         widths = [self.base_channels * m for m in self.channel_mult]
-        if any(c % self.norm_groups for c in widths):
-            fail(f"norm_groups={self.norm_groups} must divide every UNet width {widths}")
-        if not 0.0 <= self.dropout < 1.0:
-            fail(f"dropout must be in [0, 1), got {self.dropout}")
+        check(all(c % self.norm_groups == 0 for c in widths), f"norm_groups={self.norm_groups} must divide every UNet width {widths}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         T = self.num_timesteps
-        if not 0 < self.tau < T:
-            fail(f"tau must be in (0, num_timesteps={T}), got {self.tau}")
-        if not 0 <= self.t_s < self.t_b < T:
-            fail(f"need 0 <= t_s < t_b < num_timesteps={T}, got t_s={self.t_s}, t_b={self.t_b}")
+        check(0 < self.tau < T, f"tau must be in (0, num_timesteps={T}), got {self.tau}")
+        check(0 <= self.t_s < self.t_b < T, f"need 0 <= t_s < t_b < num_timesteps={T}, got t_s={self.t_s}, t_b={self.t_b}")
         for name in ("t_single", "train_t_single"):
-            if not 0 <= getattr(self, name) < T:
-                fail(f"{name} must be in [0, num_timesteps={T}), got {getattr(self, name)}")
+            check(0 <= getattr(self, name) < T, f"{name} must be in [0, num_timesteps={T}), got {getattr(self, name)}")
         for paradigm, steps, start, prefix in (
             (self.paradigm, self.paradigm_steps, self.t_single, ""),
             (self.train_paradigm, self.train_paradigm_steps, self.train_t_single, "train_"),
         ):
-            if paradigm in (Paradigm.ITERATIVE, Paradigm.DDIM) and not 1 <= steps <= start + 1:
-                fail(f"{prefix}paradigm_steps must be in [1, {prefix}t_single + 1 = {start + 1}] for {paradigm.value}, got {steps}")
+            check(
+                paradigm not in (Paradigm.ITERATIVE, Paradigm.DDIM) or 1 <= steps <= start + 1,
+                f"{prefix}paradigm_steps must be in [1, {prefix}t_single + 1 = {start + 1}] for {paradigm.value}, got {steps}",
+            )
         for name in ("w", "train_w"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                fail(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.gamma < 0 or self.focal_gamma < 0 or not 0 <= self.focal_alpha <= 1:
-            fail(f"need gamma >= 0, focal_gamma >= 0 and 0 <= focal_alpha <= 1, got {self.gamma}, {self.focal_gamma}, {self.focal_alpha}")
-        if not 0.0 <= self.anomaly_fraction <= 1.0:
-            fail(f"anomaly_fraction must be in [0, 1], got {self.anomaly_fraction}")
-        if len(self.beta_range) != 2 or not 0.0 <= self.beta_range[0] <= self.beta_range[1] <= 1.0:
-            fail(f"beta_range must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.beta_range}")
-        if not 0.0 <= self.texture_probability <= 1.0:
-            fail(f"texture_probability must be in [0, 1], got {self.texture_probability}")
-        if self.top_k_reference_size is not None and self.top_k_reference_size < 1:
-            fail(f"top_k_reference_size must be >= 1 or None, got {self.top_k_reference_size}")
-
-    @property
-    def working_size(self) -> int:
-        """Side of the square images the networks see (after resize and crop)."""
-        return self.crop_size if self.crop_size is not None else self.image_size
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+        check(
+            self.gamma >= 0 and self.focal_gamma >= 0 and 0 <= self.focal_alpha <= 1,
+            f"need gamma >= 0, focal_gamma >= 0 and 0 <= focal_alpha <= 1, got {self.gamma}, {self.focal_gamma}, {self.focal_alpha}",
+        )
+        check(0.0 <= self.anomaly_fraction <= 1.0, f"anomaly_fraction must be in [0, 1], got {self.anomaly_fraction}")
+        check(
+            len(self.beta_range) == 2 and 0.0 <= self.beta_range[0] <= self.beta_range[1] <= 1.0,
+            f"beta_range must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.beta_range}",
+        )
+        check(0.0 <= self.texture_probability <= 1.0, f"texture_probability must be in [0, 1], got {self.texture_probability}")
+        check(
+            self.top_k_reference_size is None or self.top_k_reference_size >= 1,
+            f"top_k_reference_size must be >= 1 or None, got {self.top_k_reference_size}",
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -297,38 +273,20 @@ def synthesize_batch(batch: TrainBatch, anomaly_fraction: float, beta_range: tup
     whose mask stays empty after resampling is unchanged and counts as normal (y = 0)."""
     images = batch.images
     b = images.shape[0]
-    n_synthetic = int(round(b * anomaly_fraction))
-    masks = torch.zeros_like(images[:, :1])
-    out = images.clone()
-    todo = torch.arange(b - n_synthetic, b, device=images.device)
-    opacity = opacity_from_beta(beta_range)
-    for _ in range(_MASK_RETRIES):
-        if todo.numel() == 0:
-            break
-        synthetic = synthesize_anomalies(
-            images[todo], batch.textures[todo], batch.foreground[todo], None, opacity=opacity, texture_probability=texture_probability
-        )
-        out[todo] = synthetic.images
-        masks[todo] = synthetic.masks
-        todo = todo[synthetic.masks.flatten(1).amax(1) == 0]
-    out[todo] = images[todo]
+    first = b - int(round(b * anomaly_fraction))
+    synthetic = synthesize_nonempty_anomalies(
+        images[first:],
+        batch.textures[first:],
+        batch.foreground[first:],
+        None,
+        max_rounds=_MASK_RETRIES,
+        opacity=opacity_from_beta(beta_range),
+        texture_probability=texture_probability,
+    )
+    out = torch.cat((images[:first], synthetic.images))
+    masks = torch.cat((torch.zeros_like(images[:first, :1]), synthetic.masks))
     normal = (masks.flatten(1).amax(1) == 0).float()
     return SyntheticBatch(out, masks, normal)
-
-
-def scaled_top_k(top_k: int, reference_size: int | None, height: int, width: int) -> int:
-    """k for a height x width map: top_k pixels at reference_size² scaled by the pixel
-    ratio (50 at 256² -> 3 at 64²), at least 1 and at most every pixel."""
-    if reference_size is None:
-        k = top_k
-    else:
-        k = round(top_k * height * width / reference_size**2)
-    return int(min(max(k, 1), height * width))
-
-
-def top_k_score(anomaly_map: torch.Tensor, k: int) -> torch.Tensor:
-    """Image score = mean of the k largest pixel scores (DiffusionAD §IV-C). [B, H, W] -> [B]."""
-    return anomaly_map.flatten(1).topk(k, dim=1).values.mean(1)
 
 
 def network_evaluations(paradigm: Paradigm | str, steps: int) -> int:
@@ -346,7 +304,7 @@ NoiseFn = Callable[[torch.Size], torch.Tensor]
 class DiffusionAD(AnomalyMethod):
     """Reconstruction UNet (ε-prediction) + segmentation U-Net on [x_0, x̂_0]."""
 
-    Config: ClassVar[type] = DiffusionADConfig
+    Config: ClassVar[type[MethodConfig]] = DiffusionADConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes: 64 px, a ~0.37 M-parameter UNet and a ~0.23 M segmentation net.
@@ -360,8 +318,8 @@ class DiffusionAD(AnomalyMethod):
             "image_size": 64,
             "epochs": 40,
             "batch_size": 8,
-            "lr": 1e-3,
-            "seg_lr": 1e-3,
+            "learning_rate": 1e-3,
+            "segmentation_learning_rate": 1e-3,
             "base_channels": 16,
             "channel_mult": (1, 2, 2, 2),
             "layers_per_block": 1,
@@ -377,18 +335,7 @@ class DiffusionAD(AnomalyMethod):
         super().__init__(config, backbone_factory)
         c = config
         self.diffusion = GaussianDiffusion(c.num_timesteps, c.beta_schedule)
-        self.unet = UNet(
-            in_channels=3,
-            out_channels=3,
-            image_size=c.working_size,
-            base_channels=c.base_channels,
-            channel_mult=c.channel_mult,
-            layers_per_block=c.layers_per_block,
-            attention_resolutions=c.attention_resolutions,
-            head_channels=c.head_channels,
-            norm_groups=c.norm_groups,
-            dropout=c.dropout,
-        )
+        self.unet = UNet.from_config(c, in_channels=3, out_channels=3)
         self.segmentation = SegmentationUNet(in_channels=6, out_channels=1, base_channels=c.seg_base_channels, channel_mult=c.seg_channel_mult)
 
     # ---- configuration ---------------------------------------------------------------
@@ -461,8 +408,9 @@ class DiffusionAD(AnomalyMethod):
                 x_t = diffusion.ddim_step(x_t, t, t_prev, eps_hat, eta=1.0, noise=noise(x0.shape))
         raise AssertionError("unreachable: ddim_timesteps is never empty")
 
-    def reconstruct(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x̂_0 [B, 3, H, W] by the configured inference paradigm (no grad)."""
+    def reconstruct(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x̂_0 [B, 3, H, W] by the configured inference paradigm (no grad); every noise
+        draw comes from ``generator``."""
         c = self.config
         noise = _generator_noise(generator, x0.device)
         with torch.no_grad():
@@ -503,42 +451,28 @@ class DiffusionAD(AnomalyMethod):
         }
         return Losses(total, terms)
 
-    def predict(
-        self,
-        images: torch.Tensor,
-        category: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Prediction:
-        """Anomaly map σ(seg([x_0, x̂_0])) [B, H, W] and the top-k image score [B]."""
-        was_training = self.training
-        self.eval()  # BatchNorm running statistics, no dropout
-        try:
-            x0_hat = self.reconstruct(images, generator)
-            with torch.no_grad():
-                anomaly_map = torch.sigmoid(self.segmentation(torch.cat((images, x0_hat), dim=1)))[:, 0]
-        finally:
-            self.train(was_training)
+    def infer(self, images: torch.Tensor, category: torch.Tensor | None, generator: torch.Generator) -> Prediction:
+        """Anomaly map σ(seg([x_0, x̂_0])) [B, H, W] and the top-k image score [B] (§IV-C)."""
+        x0_hat = self.reconstruct(images, generator)
+        anomaly_map = torch.sigmoid(self.segmentation(torch.cat((images, x0_hat), dim=1)))[:, 0]
         k = scaled_top_k(self.config.top_k, self.config.top_k_reference_size, *anomaly_map.shape[-2:])
-        return Prediction(anomaly_map, top_k_score(anomaly_map, k))
+        return Prediction(anomaly_map, top_k_mean(anomaly_map, k))
 
     def configure_optimizers(self) -> Optimizers:
         """Adam, 1e-4 for the UNet and 1e-5 for the segmentation net (§V-A, official code);
         no LR schedule."""
         optimizer = torch.optim.Adam(
             [
-                {"params": self.unet.parameters(), "lr": self.config.lr},
-                {"params": self.segmentation.parameters(), "lr": self.config.seg_lr},
+                {"params": self.unet.parameters(), "lr": self.config.learning_rate},
+                {"params": self.segmentation.parameters(), "lr": self.config.segmentation_learning_rate},
             ]
         )
         return Optimizers(optimizer, None)
 
 
-def _generator_noise(generator: torch.Generator | None, device: torch.device) -> NoiseFn:
-    """Standard normal draws from ``generator`` (a fresh, randomly seeded one when None),
-    never from torch's global RNG, moved to ``device``."""
-    if generator is None:
-        generator = torch.Generator(device=device)
-        generator.seed()
+def _generator_noise(generator: torch.Generator, device: torch.device) -> NoiseFn:
+    """Standard normal draws from ``generator``, never from torch's global RNG, moved to
+    ``device``."""
 
     def noise(shape: torch.Size) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=generator.device).to(device)

@@ -2,7 +2,7 @@
 
 One model for all categories of a dataset (the unified setting). Paper: "Enhancing
 Multi-Class Anomaly Detection through Diffusion Refinement with Dual Conditions"
-(../shared/papers/drdc_dual_conditions.txt); no public code exists, so every choice the
+(no public code exists), so every choice the
 paper leaves open is written next to the code that makes it.
 
     python -m orchestrator.sweep ablation=drdc_conditions    # Table 5 rows
@@ -47,10 +47,9 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods.backbones import BACKBONES, backbone_channels
-from methods.base import AnomalyMethod, BackboneFactory, Losses, Optimizers, Prediction, TrainBatch, infer_field, train_field
+from methods.base import AnomalyMethod, BackboneFactory, Losses, MethodConfig, MultiClassConfig, Optimizers, Prediction, TrainBatch, check, infer_field, train_field
 from methods.feature_reconstruction import FeatureReconstructionTransformer, FeatureResize, feature_jitter, max_neighbor_size, resize_and_concatenate
 from methods.gaussian_diffusion import BetaSchedule, GaussianDiffusion, extract
 from methods.unet import UNet
@@ -73,16 +72,17 @@ class Fusion(str, Enum):
 
 
 @dataclass(frozen=True)
-class DRDCConfig:
+class DRDCConfig(MultiClassConfig):
     """DRDC hyperparameters; defaults are the paper's (§5) and, where the paper builds on
-    UniAD without restating it, UniAD's."""
+    UniAD without restating it, UniAD's. ``num_categories`` (from MultiClassConfig) is set
+    by the orchestrator from the trial's category list."""
 
     # --- data and schedule (read by the orchestrator) -------------------------------
     image_size: int = train_field(224, "resize side in pixels (§5: 224)")
     crop_size: int | None = train_field(None, "centre crop side after resizing; None = no crop (§5 resizes only)")
     epochs: int = train_field(1000, "training epochs (not in the paper; UniAD's 1000)")
     batch_size: int = train_field(64, "global batch size (not in the paper; UniAD's 8 per GPU x 8 GPUs)")
-    num_categories: int = train_field(15, "categories trained together (set by the orchestrator from the trial's category list)")
+    learning_rate: float = train_field(1e-4, "AdamW learning rate of the transformer (not in the paper; UniAD's 1e-4)")
 
     # --- base model (§3.1, §5; UniAD's transformer) ---------------------------------
     backbone: str = train_field("efficientnet_b4", "frozen ImageNet backbone (§5: efficientnet_b4; efficientnet_lite0 is the offline CPU choice)")
@@ -109,20 +109,20 @@ class DRDCConfig:
     train_grid_sizes: tuple[int, ...] = train_field((1, 16, 32), "grid cell sizes c of the training masks for I_in (the paper trains with its inference grids)")
     train_num_sets: int = train_field(2, "n_s of the training masks: one of n_s random disjoint sets is noised (the paper's n_s)")
     train_max_timestep: int | None = train_field(None, "largest t drawn in training; None = T-1 (§5 trains over all 1000 steps)")
-    unet_base_channels: int = train_field(128, "UNet base width (§5: ADM UNet, width not given; 128 as in DiffusionAD)")
-    unet_channel_mult: tuple[int, ...] = train_field((1, 1, 2, 2, 4, 4), "UNet width multipliers per level (ADM 256² layout)")
-    unet_layers_per_block: int = train_field(2, "residual blocks per UNet level (ADM: 2)")
-    unet_attention_resolutions: tuple[int, ...] = train_field((28, 14, 7), "UNet levels (pixels) with self-attention (ADM's 1/8, 1/16, 1/32 at 224²)")
-    unet_head_channels: int = train_field(64, "channels per UNet attention head (ADM: 64)")
-    unet_norm_groups: int = train_field(32, "GroupNorm groups in the UNet")
-    unet_dropout: float = train_field(0.0, "UNet dropout")
+    base_channels: int = train_field(128, "UNet base width (§5: ADM UNet, width not given; 128 as in DiffusionAD)")
+    channel_mult: tuple[int, ...] = train_field((1, 1, 2, 2, 4, 4), "UNet width multipliers per level (ADM 256² layout)")
+    layers_per_block: int = train_field(2, "residual blocks per UNet level (ADM: 2)")
+    attention_resolutions: tuple[int, ...] = train_field((28, 14, 7), "UNet levels (pixels) with self-attention (ADM's 1/8, 1/16, 1/32 at 224²)")
+    head_channels: int = train_field(64, "channels per UNet attention head (ADM: 64)")
+    norm_groups: int = train_field(32, "GroupNorm groups in the UNet")
+    dropout: float = train_field(0.0, "UNet dropout")
 
     # --- optimisation (§5: AdamW, weight decay 1e-4, both trained from scratch) -----
-    base_lr: float = train_field(1e-4, "AdamW learning rate of the transformer (not in the paper; UniAD's 1e-4)")
-    diffusion_lr: float = train_field(1e-4, "AdamW learning rate of the UNet (not in the paper; ADM's 1e-4)")
+    # learning_rate (above) is the transformer's.
+    diffusion_learning_rate: float = train_field(1e-4, "AdamW learning rate of the UNet (not in the paper; ADM's 1e-4)")
     weight_decay: float = train_field(1e-4, "AdamW weight decay (§5: 1e-4)")
-    lr_decay_epoch: int | None = train_field(800, "epoch period of the x lr_decay step (UniAD: 800 of 1000); None = constant")
-    lr_decay: float = train_field(0.1, "learning-rate factor applied every lr_decay_epoch epochs (UniAD: 0.1)")
+    lr_decay_epoch: int | None = train_field(800, "epoch period of the x lr_decay_factor step (UniAD: 800 of 1000); None = constant")
+    lr_decay_factor: float = train_field(0.1, "learning-rate factor applied every lr_decay_epoch epochs (UniAD: 0.1)")
 
     # --- inference (§4.2-4.4, §5, Table 5) --------------------------------------------
     gamma: float = infer_field(0.9, "γ of Eq. 19: weight of the diffusion heatmap (§5: 0.9)")
@@ -137,78 +137,61 @@ class DRDCConfig:
     clip_denoised: bool = infer_field(True, "clip x̃_0 to [-1, 1] before each DDIM step (guided-diffusion's default)")
     score_pool_size: int = infer_field(16, "average-pooling window for the image score (max of the pooled map; UniAD: 16)")
 
-    def __post_init__(self) -> None:
-        # OmegaConf may hand lists for tuple fields; store tuples so configs hash and compare.
-        for name in ("backbone_stages", "train_grid_sizes", "unet_channel_mult", "unet_attention_resolutions", "timesteps", "grid_sizes", "scales"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        object.__setattr__(self, "beta_schedule", BetaSchedule(self.beta_schedule))
-        object.__setattr__(self, "fusion", Fusion(self.fusion))
-        object.__setattr__(self, "feature_resize", FeatureResize(self.feature_resize))
-        self._validate()
-
-    @property
-    def input_size(self) -> int:
-        """Side of the images the model sees (after the optional centre crop)."""
-        return self.crop_size if self.crop_size is not None else self.image_size
-
     @property
     def feature_size(self) -> int:
         """h = w of F_in."""
         return self.input_size // self.feature_stride
 
-    def _validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        need(self.image_size > 0, f"image_size must be > 0, got {self.image_size}")
-        need(self.crop_size is None or 0 < self.crop_size <= self.image_size, f"crop_size must be None or in [1, image_size={self.image_size}], got {self.crop_size}")
-        need(self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        need(self.num_categories >= 1, f"num_categories must be >= 1, got {self.num_categories}")
+    def validate(self) -> None:
+        super().validate()
         size = self.input_size
-        need(self.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        check(self.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         num_stages = len(backbone_channels(self.backbone))
-        need(
+        check(
             len(self.backbone_stages) > 0 and list(self.backbone_stages) == sorted(set(self.backbone_stages)) and 1 <= self.backbone_stages[0] and self.backbone_stages[-1] <= num_stages,
             f"backbone_stages must be increasing stage numbers in [1, {num_stages}] for {self.backbone}, got {self.backbone_stages}",
         )
-        need(self.feature_stride >= 1 and size % self.feature_stride == 0, f"feature_stride must divide the input size {size}, got {self.feature_stride}")
-        need(self.hidden_dim % 2 == 0 and self.hidden_dim % self.num_heads == 0, f"hidden_dim must be even and divisible by num_heads={self.num_heads}, got {self.hidden_dim}")
-        need(min(self.encoder_layers, self.decoder_layers) >= 1, "encoder_layers and decoder_layers must be >= 1")
+        check(self.feature_stride >= 1 and size % self.feature_stride == 0, f"feature_stride must divide the input size {size}, got {self.feature_stride}")
+        check(self.hidden_dim % 2 == 0 and self.hidden_dim % self.num_heads == 0, f"hidden_dim must be even and divisible by num_heads={self.num_heads}, got {self.hidden_dim}")
+        check(min(self.encoder_layers, self.decoder_layers) >= 1, "encoder_layers and decoder_layers must be >= 1")
         largest = max_neighbor_size(self.feature_size)
-        need(
+        check(
             self.neighbor_size == 0 or (self.neighbor_size % 2 == 1 and self.neighbor_size <= largest),
             f"neighbor_size must be 0 or odd and <= {largest} for {self.feature_size}x{self.feature_size} features, got {self.neighbor_size}",
         )
-        need(0.0 <= self.transformer_dropout < 1.0 and 0.0 <= self.unet_dropout < 1.0, "dropout rates must be in [0, 1)")
-        need(self.feature_jitter_scale >= 0 and 0 <= self.feature_jitter_prob <= 1, "feature_jitter_scale must be >= 0 and feature_jitter_prob in [0, 1]")
-        need(self.num_timesteps >= 2, f"num_timesteps must be >= 2, got {self.num_timesteps}")
-        need(
+        check(
+            0.0 <= self.transformer_dropout < 1.0 and 0.0 <= self.dropout < 1.0,
+            f"transformer_dropout and dropout must be in [0, 1), got {self.transformer_dropout}, {self.dropout}",
+        )
+        check(self.feature_jitter_scale >= 0 and 0 <= self.feature_jitter_prob <= 1, "feature_jitter_scale must be >= 0 and feature_jitter_prob in [0, 1]")
+        check(self.num_timesteps >= 2, f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        check(
             self.train_max_timestep is None or 0 <= self.train_max_timestep < self.num_timesteps,
             f"train_max_timestep must be None or in [0, {self.num_timesteps - 1}], got {self.train_max_timestep}",
         )
         for name, cells, sets in (("grid_sizes", self.grid_sizes, self.num_sets), ("train_grid_sizes", self.train_grid_sizes, self.train_num_sets)):
-            need(len(cells) > 0, f"{name} must not be empty")
+            check(len(cells) > 0, f"{name} must not be empty")
             for c in cells:
-                need(c >= 1 and size % c == 0, f"{name}: cell size {c} must divide the input size {size} (§4.2: c is a factor of H and W)")
-                need(1 <= sets <= (size // c) ** 2, f"n_s={sets} must be in [1, {(size // c) ** 2}] (the number of {c}x{c} cells) for {name}")
+                check(c >= 1 and size % c == 0, f"{name}: cell size {c} must divide the input size {size} (§4.2: c is a factor of H and W)")
+                check(1 <= sets <= (size // c) ** 2, f"n_s={sets} must be in [1, {(size // c) ** 2}] (the number of {c}x{c} cells) for {name}")
         steps = self.timesteps
-        need(
+        check(
             len(steps) > 0 and all(0 <= t < self.num_timesteps for t in steps) and all(a > b for a, b in zip(steps, steps[1:])),
             f"timesteps must be strictly decreasing values in [0, {self.num_timesteps - 1}], got {steps}",
         )
-        need(len(self.scales) > 0 and all(1 <= l <= size for l in self.scales), f"scales must be in [1, {size}], got {self.scales}")
-        need(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
-        need(self.mean_filter_size >= 1 and self.mean_filter_size % 2 == 1, f"mean_filter_size must be odd and >= 1, got {self.mean_filter_size}")
-        need(1 <= self.score_pool_size <= size, f"score_pool_size must be in [1, {size}], got {self.score_pool_size}")
-        levels = len(self.unet_channel_mult)
-        need(levels >= 1 and size % 2 ** (levels - 1) == 0, f"input size {size} must be divisible by 2^{levels - 1} for unet_channel_mult={self.unet_channel_mult}")
-        need(
-            all(self.unet_base_channels * m % self.unet_norm_groups == 0 for m in self.unet_channel_mult),
-            f"UNet widths must be divisible by unet_norm_groups={self.unet_norm_groups}",
+        check(len(self.scales) > 0 and all(1 <= l <= size for l in self.scales), f"scales must be in [1, {size}], got {self.scales}")
+        check(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
+        check(self.mean_filter_size >= 1 and self.mean_filter_size % 2 == 1, f"mean_filter_size must be odd and >= 1, got {self.mean_filter_size}")
+        check(1 <= self.score_pool_size <= size, f"score_pool_size must be in [1, {size}], got {self.score_pool_size}")
+        levels = len(self.channel_mult)
+        check(levels >= 1 and size % 2 ** (levels - 1) == 0, f"input size {size} must be divisible by 2^{levels - 1} for channel_mult={self.channel_mult}")
+        check(
+            all(self.base_channels * m % self.norm_groups == 0 for m in self.channel_mult),
+            f"UNet widths must be divisible by norm_groups={self.norm_groups}",
         )
-        need(min(self.base_lr, self.diffusion_lr) > 0 and self.weight_decay >= 0, "learning rates must be > 0 and weight_decay >= 0")
-        need(self.lr_decay_epoch is None or self.lr_decay_epoch >= 1, f"lr_decay_epoch must be None or >= 1, got {self.lr_decay_epoch}")
+        check(self.diffusion_learning_rate > 0, f"diffusion_learning_rate must be > 0, got {self.diffusion_learning_rate}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.lr_decay_epoch is None or self.lr_decay_epoch >= 1, f"lr_decay_epoch must be None or >= 1, got {self.lr_decay_epoch}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,7 +436,7 @@ def image_score(heatmap: torch.Tensor, pool_size: int) -> torch.Tensor:
 class DRDC(AnomalyMethod):
     """Base model + diffusion refinement with dual conditions + spatio-temporal fusion."""
 
-    Config: ClassVar[type] = DRDCConfig
+    Config: ClassVar[type[MethodConfig]] = DRDCConfig
     multi_class: ClassVar[bool] = True
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
@@ -471,7 +454,7 @@ class DRDC(AnomalyMethod):
         # diffusion map alone reaches only ~0.75 image AUROC against the base map's 0.91
         # (seed 0), and at γ = 0.9 it pulls the fused map down to ~0.81; γ = 0.5 gives
         # 0.89. Pool 5 (≈ 0.89) measured against 9 (≈ 0.88, the paper's 16 · 128/224).
-        # Measured (synthetic, issue 6): see tests/test_drdc_learning.py.
+        # Measured on the synthetic dataset: see tests/test_drdc_learning.py.
         "smoke": {
             "image_size": 128,
             "epochs": 20,
@@ -487,14 +470,14 @@ class DRDC(AnomalyMethod):
             "neighbor_size": 3,
             "train_grid_sizes": (1, 16),
             "train_max_timestep": 300,
-            "unet_base_channels": 8,  # a 128 px training step costs ~0.7 s CPU at 8, ~1.3 s at 16
-            "unet_channel_mult": (1, 2, 2, 4),
-            "unet_layers_per_block": 1,
-            "unet_attention_resolutions": (16,),
-            "unet_head_channels": 16,
-            "unet_norm_groups": 4,
-            "base_lr": 3e-3,  # features have norm ~100: 1e-3 left L_feat far from converged
-            "diffusion_lr": 1e-3,
+            "base_channels": 8,  # a 128 px training step costs ~0.7 s CPU at 8, ~1.3 s at 16
+            "channel_mult": (1, 2, 2, 4),
+            "layers_per_block": 1,
+            "attention_resolutions": (16,),
+            "head_channels": 16,
+            "norm_groups": 4,
+            "learning_rate": 3e-3,  # features have norm ~100: 1e-3 left L_feat far from converged
+            "diffusion_learning_rate": 1e-3,
             "lr_decay_epoch": None,
             "gamma": 0.5,
             "timesteps": (200, 100, 0),
@@ -528,17 +511,10 @@ class DRDC(AnomalyMethod):
             neighbor_size=config.neighbor_size,
             num_categories=config.num_categories if config.category_query else 0,
         )
-        self.unet = UNet(
-            in_channels=2 * IMAGE_CHANNELS if config.model_condition else IMAGE_CHANNELS,
+        self.unet = UNet.from_config(
+            config,
+            in_channels=2 * IMAGE_CHANNELS if config.model_condition else IMAGE_CHANNELS,  # + I_in (model condition)
             out_channels=IMAGE_CHANNELS,
-            image_size=config.input_size,
-            base_channels=config.unet_base_channels,
-            channel_mult=config.unet_channel_mult,
-            layers_per_block=config.unet_layers_per_block,
-            attention_resolutions=config.unet_attention_resolutions,
-            head_channels=config.unet_head_channels,
-            norm_groups=config.unet_norm_groups,
-            dropout=config.unet_dropout,
         )
         self.diffusion = GaussianDiffusion(config.num_timesteps, config.beta_schedule)
 
@@ -617,14 +593,14 @@ class DRDC(AnomalyMethod):
         config = self.config
         optimizer = torch.optim.AdamW(
             [
-                {"params": list(self.reconstructor.parameters()), "lr": config.base_lr},
-                {"params": list(self.unet.parameters()), "lr": config.diffusion_lr},
+                {"params": list(self.reconstructor.parameters()), "lr": config.learning_rate},
+                {"params": list(self.unet.parameters()), "lr": config.diffusion_learning_rate},
             ],
             weight_decay=config.weight_decay,
         )
         scheduler = None
         if config.lr_decay_epoch is not None:
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_epoch, gamma=config.lr_decay)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_decay_epoch, gamma=config.lr_decay_factor)
         return Optimizers(optimizer, scheduler)
 
     # --- inference -----------------------------------------------------------------------
@@ -665,14 +641,10 @@ class DRDC(AnomalyMethod):
         scales = config.scales if config.fusion in (Fusion.SPATIOTEMPORAL, Fusion.SPATIAL) else (1,)
         return mean_filter(spatiotemporal_heatmap(images, inpainted, scales), config.mean_filter_size)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, category: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Prediction:
-        """H_out (Eq. 19) at the input resolution and the image score. Randomness (grid
-        partitions, noise) comes from ``generator``; without one, from a fresh generator
-        seeded 0, so the global RNG is never touched."""
+    def infer(self, images: torch.Tensor, category: torch.Tensor | None, generator: torch.Generator) -> Prediction:
+        """H_out (Eq. 19) at the input resolution and the image score (§4.4). Randomness
+        (grid partitions, noise) comes from ``generator``; the global RNG is never touched."""
         config = self.config
-        if generator is None:
-            generator = torch.Generator(device=images.device).manual_seed(0)
         height, width = images.shape[-2:]
         features = self.extract_features(images)
         reconstruction = self.reconstructor(features, category)

@@ -56,8 +56,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.backbones import backbone_strides
-from methods.base import AnomalyMethod, BackboneFactory, Losses, Optimizers, Prediction, TrainBatch, infer_field, train_field
+from methods.base import AnomalyMethod, BackboneFactory, Losses, MethodConfig, Optimizers, Prediction, TrainBatch, check, infer_field, train_field
 from methods.gaussian_diffusion import BetaSchedule, GaussianDiffusion
+from methods.scoring import scaled_top_k, top_k_mean
 from methods.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class ThresholdScope(str, Enum):
 
 
 @dataclass(frozen=True)
-class MDPSConfig:
+class MDPSConfig(MethodConfig):
     """MDPS hyperparameters; defaults are the paper's (§5), or the authors' code where
     the paper is silent (noted per field)."""
 
@@ -97,7 +98,7 @@ class MDPSConfig:
     crop_size: int | None = train_field(224, "centre crop side after resizing; None = no crop (§5: 224 for MVTec, none for BTAD)")
     epochs: int = train_field(2000, "training epochs of the prior (§5: 2000)")
     batch_size: int = train_field(8, "global batch size (§5: 8)")
-    lr: float = train_field(1e-4, "Adam learning rate (§5: 1e-4; the authors' config uses 3e-4)")
+    learning_rate: float = train_field(1e-4, "Adam learning rate (§5: 1e-4; the authors' config uses 3e-4)")
     weight_decay: float = train_field(0.05, "Adam weight decay (§5: 5e-2)")
     num_timesteps: int = train_field(1000, "diffusion steps of the prior (§5: 1000)")
     beta_schedule: BetaSchedule = train_field(BetaSchedule.LINEAR, "β schedule of the prior (authors' code: linear 1e-4..0.02)")
@@ -137,57 +138,37 @@ class MDPSConfig:
     top_k: int = infer_field(500, "S: image score = mean of the S largest pixel scores (§4.3: 500)")
     top_k_reference_size: int | None = infer_field(224, "S is given at this side and scaled by pixel count (500 at 224²); None = S as is")
 
-    def __post_init__(self) -> None:
-        # OmegaConf may hand lists for tuple fields and strings for enums: normalise so
-        # configs compare and hash.
-        for name in ("channel_mult", "attention_resolutions", "perceptual_strides"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        for name, kind in (("beta_schedule", BetaSchedule), ("guidance_norm", GuidanceNorm), ("mask_threshold_scope", ThresholdScope), ("metric", Metric)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
-        self._validate()
-
-    @property
-    def input_size(self) -> int:
-        """Side of the images the model sees (after the optional centre crop)."""
-        return self.crop_size if self.crop_size is not None else self.image_size
-
     @property
     def uses_backbone(self) -> bool:
         return self.metric is not Metric.PIXEL
 
-    def _validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        need(self.image_size > 0, f"image_size must be > 0, got {self.image_size}")
-        need(self.crop_size is None or 0 < self.crop_size <= self.image_size, f"crop_size must be None or in [1, image_size={self.image_size}], got {self.crop_size}")
-        need(self.epochs >= 1 and self.batch_size >= 1, f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        need(self.lr > 0 and self.weight_decay >= 0, f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        need(self.num_timesteps >= 2, f"num_timesteps must be >= 2, got {self.num_timesteps}")
+    def validate(self) -> None:
+        super().validate()
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.num_timesteps >= 2, f"num_timesteps must be >= 2, got {self.num_timesteps}")
         levels = len(self.channel_mult)
-        need(levels >= 1 and self.input_size % 2 ** (levels - 1) == 0, f"input size {self.input_size} must be divisible by 2^{levels - 1} for channel_mult={self.channel_mult}")
-        need(self.base_channels >= 1 and self.layers_per_block >= 1 and self.head_channels >= 1, "base_channels, layers_per_block and head_channels must be >= 1")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.rho >= 0, f"rho must be >= 0 (0 = w/o posterior), got {self.rho}")
-        need(1 <= self.noise_level <= self.num_timesteps, f"noise_level T must be in [1, num_timesteps={self.num_timesteps}], got {self.noise_level}")
-        need(1 <= self.steps <= self.noise_level, f"steps N must be in [1, noise_level T={self.noise_level}], got {self.steps}")
-        need(self.num_samples >= 1, f"num_samples N_s must be >= 1, got {self.num_samples}")
-        need(self.mask_num_samples is None or self.mask_num_samples >= 1, f"mask_num_samples must be None or >= 1, got {self.mask_num_samples}")
-        need(self.sample_chunk is None or self.sample_chunk >= 1, f"sample_chunk must be None or >= 1, got {self.sample_chunk}")
-        need(0.0 <= self.ddim_eta <= 1.0, f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
-        need(0.0 <= self.mask_threshold <= 1.0, f"mask_threshold λ must be in [0, 1], got {self.mask_threshold}")
-        need(self.pixel_weight >= 0, f"pixel_weight η must be >= 0, got {self.pixel_weight}")
-        need(self.metric is not Metric.PIXEL or self.pixel_weight > 0, "metric=pixel needs pixel_weight > 0")
+        check(levels >= 1 and self.input_size % 2 ** (levels - 1) == 0, f"input size {self.input_size} must be divisible by 2^{levels - 1} for channel_mult={self.channel_mult}")
+        check(self.base_channels >= 1 and self.layers_per_block >= 1 and self.head_channels >= 1, "base_channels, layers_per_block and head_channels must be >= 1")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.rho >= 0, f"rho must be >= 0 (0 = w/o posterior), got {self.rho}")
+        check(1 <= self.noise_level <= self.num_timesteps, f"noise_level T must be in [1, num_timesteps={self.num_timesteps}], got {self.noise_level}")
+        check(1 <= self.steps <= self.noise_level, f"steps N must be in [1, noise_level T={self.noise_level}], got {self.steps}")
+        check(self.num_samples >= 1, f"num_samples N_s must be >= 1, got {self.num_samples}")
+        check(self.mask_num_samples is None or self.mask_num_samples >= 1, f"mask_num_samples must be None or >= 1, got {self.mask_num_samples}")
+        check(self.sample_chunk is None or self.sample_chunk >= 1, f"sample_chunk must be None or >= 1, got {self.sample_chunk}")
+        check(0.0 <= self.ddim_eta <= 1.0, f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
+        check(0.0 <= self.mask_threshold <= 1.0, f"mask_threshold λ must be in [0, 1], got {self.mask_threshold}")
+        check(self.pixel_weight >= 0, f"pixel_weight η must be >= 0, got {self.pixel_weight}")
+        check(self.metric is not Metric.PIXEL or self.pixel_weight > 0, "metric=pixel needs pixel_weight > 0")
         strides = backbone_strides(self.backbone)  # ValueError naming the valid backbones
-        need(
+        check(
             len(self.perceptual_strides) > 0 and all(s in strides for s in self.perceptual_strides) and len(set(self.perceptual_strides)) == len(self.perceptual_strides),
             f"perceptual_strides must be distinct strides of {self.backbone}'s stages {strides}, got {self.perceptual_strides}",
         )
-        need(self.feature_pool_size >= 1 and self.feature_pool_size % 2 == 1, f"feature_pool_size must be odd and >= 1, got {self.feature_pool_size}")
-        need(self.blur_sigma >= 0, f"blur_sigma must be >= 0, got {self.blur_sigma}")
-        need(self.top_k >= 1, f"top_k S must be >= 1, got {self.top_k}")
-        need(self.top_k_reference_size is None or self.top_k_reference_size >= 1, f"top_k_reference_size must be None or >= 1, got {self.top_k_reference_size}")
+        check(self.feature_pool_size >= 1 and self.feature_pool_size % 2 == 1, f"feature_pool_size must be odd and >= 1, got {self.feature_pool_size}")
+        check(self.blur_sigma >= 0, f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        check(self.top_k >= 1, f"top_k S must be >= 1, got {self.top_k}")
+        check(self.top_k_reference_size is None or self.top_k_reference_size >= 1, f"top_k_reference_size must be None or >= 1, got {self.top_k_reference_size}")
 
 
 # --------------------------------------------------------------------------------------
@@ -360,18 +341,6 @@ def anomaly_mask(score_map: torch.Tensor, threshold: float, scope: ThresholdScop
     return (score_map > cut.view(-1, 1, 1)).float()[:, None]
 
 
-def scaled_top_k(top_k: int, reference_size: int | None, height: int, width: int) -> int:
-    """S for a height x width map: S at reference_size² scaled by the pixel count (500 at
-    224² -> 41 at 64²), at least 1 and at most every pixel."""
-    k = top_k if reference_size is None else round(top_k * height * width / reference_size**2)
-    return int(min(max(k, 1), height * width))
-
-
-def top_k_mean(score_map: torch.Tensor, k: int) -> torch.Tensor:
-    """Image score = mean of the k largest pixel scores of D̄ (MDPS §4.3). [B, H, W] -> [B]."""
-    return score_map.flatten(1).topk(k, dim=1).values.mean(1)
-
-
 # --------------------------------------------------------------------------------------
 # The model.
 
@@ -380,7 +349,7 @@ class MDPS(AnomalyMethod):
     """An unconditional DDPM prior (Eq. 5) and masked diffusion posterior sampling at test
     time (Algorithm 1, Eqs. 18-20). Single-class: one prior per category (§5)."""
 
-    Config: ClassVar[type] = MDPSConfig
+    Config: ClassVar[type[MethodConfig]] = MDPSConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes: 64 px, a ~0.27 M-parameter UNet trained 40 epochs, T = 400 of 1000
@@ -391,7 +360,7 @@ class MDPS(AnomalyMethod):
             "crop_size": None,
             "epochs": 40,
             "batch_size": 8,
-            "lr": 1e-3,
+            "learning_rate": 1e-3,
             "weight_decay": 0.0,
             "base_channels": 16,
             "channel_mult": (1, 2, 2),
@@ -411,18 +380,7 @@ class MDPS(AnomalyMethod):
         super().__init__(config, backbone_factory)
         c = config
         self.diffusion = GaussianDiffusion(c.num_timesteps, c.beta_schedule)
-        self.unet = UNet(
-            in_channels=3,
-            out_channels=3,
-            image_size=c.input_size,
-            base_channels=c.base_channels,
-            channel_mult=c.channel_mult,
-            layers_per_block=c.layers_per_block,
-            attention_resolutions=c.attention_resolutions,
-            head_channels=c.head_channels,
-            norm_groups=c.norm_groups,
-            dropout=c.dropout,
-        )
+        self.unet = UNet.from_config(c, in_channels=3, out_channels=3)
         self._backbone: nn.Module | None = None
         self._stage_indices: list[int] = []
         if c.uses_backbone:
@@ -448,39 +406,25 @@ class MDPS(AnomalyMethod):
 
     def configure_optimizers(self) -> Optimizers:
         """Adam with weight decay (§5), no LR schedule."""
-        return Optimizers(torch.optim.Adam(self.unet.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay), None)
+        return Optimizers(torch.optim.Adam(self.unet.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay), None)
 
     # ---------------------------------------------------------------- inference
 
-    def predict(
-        self,
-        images: torch.Tensor,
-        category: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Prediction:
-        """Anomaly map D̄ of the masked pass [B, H, W] and the top-S image score [B].
+    def infer(self, images: torch.Tensor, category: torch.Tensor | None, generator: torch.Generator) -> Prediction:
+        """Anomaly map D̄ of the masked pass [B, H, W] and the top-S image score [B] (§4.3).
 
         With ``use_mask`` a first pass (m ≡ 1, ``mask_num_samples`` samples) gives the
         Eq. 20 mask; the second pass samples with it. Randomness comes only from
-        ``generator`` (a randomly seeded one when None)."""
+        ``generator``."""
         c = self.config
-        if generator is None:
-            generator = torch.Generator(device=images.device)
-            generator.seed()
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                features_y = self._features(images)
-                ones = torch.ones_like(images[:, :1])
-                if c.use_mask:
-                    first = self.score_map(images, ones, c.mask_num_samples or c.num_samples, generator, features_y)
-                    mask = anomaly_mask(first, c.mask_threshold, c.mask_threshold_scope)
-                else:
-                    mask = ones
-                final = self.score_map(images, mask, c.num_samples, generator, features_y)
-        finally:
-            self.train(was_training)
+        features_y = self._features(images)
+        ones = torch.ones_like(images[:, :1])
+        if c.use_mask:
+            first = self.score_map(images, ones, c.mask_num_samples or c.num_samples, generator, features_y)
+            mask = anomaly_mask(first, c.mask_threshold, c.mask_threshold_scope)
+        else:
+            mask = ones
+        final = self.score_map(images, mask, c.num_samples, generator, features_y)
         k = scaled_top_k(c.top_k, c.top_k_reference_size, *final.shape[-2:])
         return Prediction(final, top_k_mean(final, k))
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.anomaly_synthesis import rotate, synthesize_anomalies
-from methods.base import AnomalyMethod, BackboneFactory, Losses, Optimizers, Prediction, TrainBatch, infer_field, train_field
+from methods.base import AnomalyMethod, BackboneFactory, Losses, MethodConfig, Optimizers, Prediction, TrainBatch, check, infer_field, train_field
 from methods.losses import focal_loss, smooth_l1_loss, ssim_loss
 from methods.unet import UNet
 
@@ -95,7 +95,7 @@ class FinalMask(str, Enum):
 
 
 @dataclass(frozen=True)
-class TransFusionConfig:
+class TransFusionConfig(MethodConfig):
     """TransFusion hyperparameters; defaults are the paper's (§3, §4.3) and its code's."""
 
     # Data and schedule of training (§4.3).
@@ -142,36 +142,16 @@ class TransFusionConfig:
     filter_size: int = infer_field(7, "side n of the mean filter f_n in Eq. 10 (7), odd")
     mask_threshold: float = infer_field(0.5, "threshold that binarises the mask fed to the next reverse step")
 
-    def __post_init__(self) -> None:
-        for name, kind in (
-            ("schedule", TransparencySchedule),
-            ("previous_mask", PreviousMask),
-            ("anomaly_target", AnomalyTarget),
-            ("consistency_mask", ConsistencyMask),
-            ("final_mask", FinalMask),
-        ):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                raise ValueError(f"{name} must be one of {', '.join(k.value for k in kind)}, got {value!r}") from None
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
-
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        for name in ("image_size", "epochs", "batch_size", "steps", "base_channels", "layers_per_block", "head_channels", "norm_groups", "lr_decay_epoch"):
+    def validate(self) -> None:
+        super().validate()
+        for name in ("steps", "base_channels", "layers_per_block", "head_channels", "norm_groups", "lr_decay_epoch"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        check(self.crop_size is None or 1 <= self.crop_size <= self.image_size, f"crop_size must be None or in [1, image_size={self.image_size}], got {self.crop_size}")
         check(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult), f"channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}")
         size = self.input_size
         factor = 2 ** (len(self.channel_mult) - 1)
         check(size % factor == 0, f"input size {size} (crop_size or image_size) must be divisible by 2^(len(channel_mult)-1) = {factor}")
         widths = [self.base_channels * m for m in self.channel_mult]
         check(all(w % self.norm_groups == 0 for w in widths), f"norm_groups={self.norm_groups} must divide every UNet width {widths}")
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(0 < self.lr_decay_factor <= 1, f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}")
         check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
@@ -186,11 +166,6 @@ class TransFusionConfig:
             self.normal_loss or self.mask_loss or self.anomaly_loss or self.consistency_loss,
             "at least one of normal_loss, mask_loss, anomaly_loss, consistency_loss must be true",
         )
-
-    @property
-    def input_size(self) -> int:
-        """Side of the images the network sees (after the optional centre crop)."""
-        return self.crop_size if self.crop_size is not None else self.image_size
 
     @property
     def input_channels(self) -> int:
@@ -367,18 +342,7 @@ class TransFusionNet(nn.Module):
     def __init__(self, config: TransFusionConfig):
         super().__init__()
         c = config.base_channels
-        self.trunk = UNet(
-            in_channels=config.input_channels,
-            out_channels=1,
-            image_size=config.input_size,
-            base_channels=c,
-            channel_mult=config.channel_mult,
-            layers_per_block=config.layers_per_block,
-            attention_resolutions=config.attention_resolutions,
-            head_channels=config.head_channels,
-            norm_groups=config.norm_groups,
-            dropout=config.dropout,
-        )
+        self.trunk = UNet.from_config(config, in_channels=config.input_channels, out_channels=1)
         # The heads need the trunk's last features, before its single output layer: the
         # shared UNet has one ε-style head, so its post-processing is dropped here.
         self.trunk.net.conv_norm_out = nn.Identity()
@@ -608,15 +572,9 @@ class TransFusion(AnomalyMethod):
             return mean_filter(m_recon, cfg.filter_size)
         return final_anomaly_map(result.mean_mask, m_recon, cfg.disc_weight, cfg.filter_size)
 
-    @torch.no_grad()
-    def predict(
-        self,
-        images: torch.Tensor,
-        category: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Prediction:
+    def infer(self, images: torch.Tensor, category: torch.Tensor | None, generator: torch.Generator) -> Prediction:
         """Anomaly map M_final [B, H, W] and score AS [B] (Eqs. 10-11). The reverse process
-        is deterministic, so ``generator`` is not needed (and no RNG is touched)."""
+        is deterministic, so ``generator`` is not used (and no RNG is touched)."""
         result = self.reverse_process(images)
         final = self.anomaly_map(images, result)
         return Prediction(final, anomaly_score(final))

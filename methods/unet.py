@@ -8,6 +8,8 @@ model condition I_in).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import UNet2DModel
 from torch import nn
@@ -62,6 +64,25 @@ class UNet(nn.Module):
             time_embedding_type="positional",
             flip_sin_to_cos=True,
             freq_shift=0,
+        )
+
+    @classmethod
+    def from_config(cls, config: Any, in_channels: int, out_channels: int) -> "UNet":
+        """The UNet a method config describes: its ``input_size`` and the UNet fields every
+        diffusion method declares under the same names (``base_channels``, ``channel_mult``,
+        ``layers_per_block``, ``attention_resolutions``, ``head_channels``,
+        ``norm_groups``, ``dropout``). The channel counts are the method's own."""
+        return cls(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            image_size=config.input_size,
+            base_channels=config.base_channels,
+            channel_mult=config.channel_mult,
+            layers_per_block=config.layers_per_block,
+            attention_resolutions=config.attention_resolutions,
+            head_channels=config.head_channels,
+            norm_groups=config.norm_groups,
+            dropout=config.dropout,
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,6 +29,10 @@ from omegaconf.errors import OmegaConfBaseException
 from methods import METHODS, get_method
 from methods.base import field_docs
 from orchestrator.errors import ConfigError
+
+if TYPE_CHECKING:  # imported lazily at run time: the CLIs parse arguments before importing torch
+    from orchestrator.data import DataSpec
+    from orchestrator.training import EvaluationSettings
 
 SCALES = ("smoke", "paper")
 
@@ -77,6 +81,17 @@ class Settings:
     sample_maps: int = 4  # anomaly-map PNGs logged per trial
     help: bool = False  # print the ablations and keys, then exit
 
+    def data_spec(self) -> DataSpec:
+        from orchestrator.data import DataSpec
+
+        d = self.data
+        return DataSpec(self.dataset, d.root, d.cache_dir, d.val_fraction, self.seed, d.foreground, d.textures)
+
+    def evaluation(self) -> EvaluationSettings:
+        from orchestrator.training import EvaluationSettings
+
+        return EvaluationSettings(self.eval_batch_size, self.seed, self.latency_images, self.sample_maps)
+
 
 def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split ``key=value`` tokens into (settings dotlist dict, method field dict).
@@ -117,7 +132,7 @@ def build_settings(values: dict[str, Any], base: dict[str, Any] | None = None) -
             _check_known(schema, key)
         settings: Settings = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc, valid=_settings_keys())) from None
+        raise ConfigError(_omegaconf_message(exc, valid=settings_keys())) from None
     if settings.scale is not None and settings.scale not in SCALES:
         raise ConfigError(f"unknown scale {settings.scale!r}; valid: {', '.join(SCALES)}")
     if settings.method not in METHODS:
@@ -130,11 +145,11 @@ def build_settings(values: dict[str, Any], base: dict[str, Any] | None = None) -
 
 
 def _check_known(schema: Any, key: str) -> None:
-    if OmegaConf.select(schema, key, throw_on_missing=False, default="__missing__") == "__missing__" and key not in _settings_keys():
-        raise ConfigError(f"unknown key {key!r}; valid: {', '.join(_settings_keys())}, method.<field>")
+    if OmegaConf.select(schema, key, throw_on_missing=False, default="__missing__") == "__missing__" and key not in settings_keys():
+        raise ConfigError(f"unknown key {key!r}; valid: {', '.join(settings_keys())}, method.<field>")
 
 
-def _settings_keys() -> list[str]:
+def settings_keys() -> list[str]:
     keys = []
     for f in dataclasses.fields(Settings):
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):

@@ -27,13 +27,15 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import search_space as spaces
+from orchestrator import tracking
 from orchestrator.config import config_to_dict, resolve_method_config
 from orchestrator.errors import ConfigError, UserError
+from orchestrator.results import metric_name
 
 log = logging.getLogger(__name__)
 
 DATASET_NAMES = {"mvtec_ad": "MVTec AD", "visa": "VisA", "btad": "BTAD", "mpdd": "MPDD", "dagm": "DAGM", "synthetic": "Synthetic", "folder": "Folder"}
-HEADLINE = {"det": "test_image_auroc", "loc": "test_aupro"}
+HEADLINE = {"det": metric_name("test", "image_auroc"), "loc": metric_name("test", "aupro")}
 
 
 @dataclass
@@ -49,14 +51,31 @@ def _param(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
 
+# Config fields renamed since runs were logged: old MLflow param -> today's. Runs logged
+# under an old name are read as if logged under the new one.
+PARAM_ALIASES = {
+    "params.method.lr": "params.method.learning_rate",
+    "params.method.base_lr": "params.method.learning_rate",
+    "params.method.seg_lr": "params.method.segmentation_learning_rate",
+    "params.method.diffusion_lr": "params.method.diffusion_learning_rate",
+    "params.method.lr_decay": "params.method.lr_decay_factor",
+    **{f"params.method.unet_{f}": f"params.method.{f}" for f in
+       ("base_channels", "channel_mult", "layers_per_block", "attention_resolutions", "head_channels", "norm_groups", "dropout")},
+}
+
+
+def with_current_names(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with old param columns folded into today's names (see PARAM_ALIASES)."""
+    for old, new in PARAM_ALIASES.items():
+        if old in runs:
+            runs[new] = runs[new].fillna(runs[old]) if new in runs else runs[old]
+            runs = runs.drop(columns=old)
+    return runs
+
+
 def load_sweeps(ablation: str, uri: str) -> list[Sweep]:
     """The latest sweep per dataset of an ablation (finished ones preferred)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(ablation) is None:
-        return []
-    runs = mlflow.search_runs(experiment_names=[ablation], max_results=50000)
+    runs = with_current_names(tracking.search_runs(uri, ablation))
     if runs.empty or "tags.kind" not in runs:
         return []
     parents = runs[runs["tags.kind"] == "sweep"].copy()
@@ -353,16 +372,12 @@ def write_leaderboard(uri: str, out_root: Path) -> list[Path]:
 
 
 def ablations_in_store(uri: str) -> list[str]:
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    names = {e.name for e in mlflow.search_experiments()}
+    names = tracking.experiment_names(uri)
     return [n for n in spaces.available() if n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.config import parse_overrides
-    from orchestrator.tracking import resolve_uri
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -373,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if values.get("help"):
             print(__doc__)
             return 0
-        uri = resolve_uri(values.get("tracking_uri"))
+        uri = tracking.resolve_uri(values.get("tracking_uri"))
         names = [values["ablation"]] if values.get("ablation") else ablations_in_store(uri)
         if values.get("ablation"):
             spaces.load(values["ablation"])  # unknown ablation -> ConfigError listing the valid ones

@@ -18,9 +18,10 @@ import yaml
 from methods import METHODS, get_method
 from methods.base import field_docs
 from orchestrator.errors import ConfigError
+from orchestrator.results import VALIDATION_METRICS
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-METRICS = ("val_image_auroc", "val_pixel_auroc", "val_aupro", "val_pixel_ap")
+METRICS = VALIDATION_METRICS  # a sweep optimises validation metrics only
 DISTRIBUTIONS = ("grid", "uniform", "loguniform", "int", "choice")
 TOP_KEYS = {
     "description", "method", "dataset", "categories", "scale", "fixed", "default_label", "axes",

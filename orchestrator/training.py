@@ -1,8 +1,10 @@
 """Training and evaluation of one method on cached category data — no Ray, no MLflow.
 
-The same functions run inside a Ray Train worker (orchestrator/trial.py adds DDP,
-checkpoints and reporting around them) and in-process (:func:`run_local`, used by the
-learning tests and for quick experiments).
+:func:`fit` is the one training loop: the Ray Train worker (orchestrator/ray_backend.py,
+which adds DDP, checkpoints and reporting through ``on_epoch_end``), the in-process
+:func:`run_local` (learning tests, quick experiments) and the benchmarks all run it.
+:func:`evaluate_model` is the one evaluation: validation and test metrics, batched
+throughput, batch-1 latency and sample maps, as a typed :class:`ModelEvaluation`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from methods import get_method
-from methods.base import AnomalyMethod, BackboneFactory, Optimizers, TrainBatch
+from methods.base import AnomalyMethod, BackboneFactory, MethodConfig, Optimizers, TrainBatch
 from orchestrator import metrics as metric_fns
-from orchestrator.config import resolve_method_config
-from orchestrator.data import CategoryData, Preprocess, load_category, texture_bank, to_unit_range
+from orchestrator.data import CategoryData, DataSpec, Preprocess, to_unit_range
+from orchestrator.results import METRICS, CategoryEvaluation, ModelEvaluation, mean_metrics, metric_name
+from orchestrator.visualize import save_sample_maps
 
 log = logging.getLogger(__name__)
 
@@ -34,35 +37,29 @@ class TrainingData:
 
     images: torch.Tensor  # uint8 [N, 3, H, W]
     foreground: torch.Tensor  # uint8 [N, 1, H, W]
-    category: torch.Tensor  # long [N], index into the trial's category list
+    category: torch.Tensor  # long [N], index into the model's category list
     textures: torch.Tensor  # float [K, 3, H, W] in [-1, 1], anomaly-appearance sources
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
 
-def preprocess_of(method_config: Any) -> Preprocess:
+@dataclass(frozen=True)
+class EvaluationSettings:
+    batch_size: int = 16  # images per predict() call
+    seed: int = 0  # seeds the predict() generator
+    latency_images: int = 4  # images timed one at a time for batch-1 latency
+    sample_maps: int = 4  # anomaly-map PNGs saved per category
+
+
+def preprocess_of(method_config: MethodConfig) -> Preprocess:
     return Preprocess(image_size=method_config.image_size, crop_size=method_config.crop_size)
 
 
-def load_data(
-    dataset: str,
-    categories: Sequence[str],
-    method_config: Any,
-    *,
-    root: str | Path | None,
-    cache_dir: str | Path,
-    val_fraction: float,
-    seed: int,
-    foreground: str = "auto",
-    textures: str | Path | None = None,
-) -> list[CategoryData]:
+def load_datas(data: DataSpec, categories: Sequence[str], method_config: MethodConfig) -> list[CategoryData]:
+    """Each category preprocessed as the method config asks (decoded once, then cached)."""
     preprocess = preprocess_of(method_config)
-    return [
-        load_category(dataset, c, preprocess, root=root, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed,
-                      foreground=foreground, textures=textures)
-        for c in categories
-    ]
+    return [data.load(c, preprocess) for c in categories]
 
 
 def training_data(datas: Sequence[CategoryData], textures: torch.Tensor) -> TrainingData:
@@ -82,8 +79,11 @@ def default_backbone_factory(name: str) -> nn.Module:
     return load_backbone(name)
 
 
-def build_model(method: str, method_config: Any, backbone_factory: BackboneFactory | None) -> AnomalyMethod:
+def build_model(method: str, method_config: MethodConfig, backbone_factory: BackboneFactory | None = default_backbone_factory) -> AnomalyMethod:
     return get_method(method)(method_config, backbone_factory)
+
+
+# ------------------------------------------------------------------------------ training
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
@@ -110,36 +110,51 @@ def make_batch(data: TrainingData, index: torch.Tensor, device: torch.device) ->
     ).to(device)
 
 
-def train_epoch(
-    model: nn.Module,
-    optimizers: Optimizers,
-    data: TrainingData,
-    batch_size: int,
-    epoch: int,
-    seed: int,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-) -> dict[str, float]:
-    """One pass over the training data; returns the mean of each loss term."""
+def train_epoch(model: nn.Module, optimizers: Optimizers | None, data: TrainingData, batch_size: int, epoch: int, seed: int,
+                device: torch.device, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """One pass over the training data; returns the mean of each loss term. Without
+    optimisers (a method with nothing to train by gradient descent) ``forward`` runs
+    without gradients, e.g. to fill a memory bank."""
     model.train()
     sums: dict[str, float] = {}
     steps = 0
     for index in epoch_batches(len(data), batch_size, epoch, seed, rank, world_size):
-        losses = model(make_batch(data, index, device))
-        optimizers.optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
-        optimizers.optimizer.step()
+        with torch.set_grad_enabled(optimizers is not None):
+            losses = model(make_batch(data, index, device))
+        if optimizers is not None:
+            optimizers.optimizer.zero_grad(set_to_none=True)
+            losses.total.backward()
+            optimizers.optimizer.step()
         for name, value in {"loss": losses.total, **losses.terms}.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         steps += 1
-    if optimizers.scheduler is not None:
+    if optimizers is not None and optimizers.scheduler is not None:
         optimizers.scheduler.step()
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
-def unwrap(model: nn.Module) -> AnomalyMethod:
-    return model.module if hasattr(model, "module") else model  # DDP
+EpochHook = Callable[[int, dict[str, float], float], None]  # (epochs done, mean loss terms, train seconds so far)
+
+
+def fit(model: nn.Module, optimizers: Optimizers | None, data: TrainingData, config: MethodConfig, seed: int, device: torch.device, *,
+        start_epoch: int = 0, train_seconds: float = 0.0, rank: int = 0, world_size: int = 1,
+        on_epoch_end: EpochHook | None = None, progress: bool = False) -> float:
+    """The training loop: ``config.epochs`` epochs from ``start_epoch`` (a resumed run
+    passes its restored optimiser state and the next epoch). Returns the seconds spent in
+    training epochs, ``train_seconds`` included."""
+    bar = tqdm(range(start_epoch, config.epochs), desc="train", disable=not progress or rank != 0,
+               initial=start_epoch, total=config.epochs)
+    for epoch in bar:
+        start = time.perf_counter()
+        terms = train_epoch(model, optimizers, data, config.batch_size, epoch, seed, device, rank, world_size)
+        train_seconds += time.perf_counter() - start
+        bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, terms, train_seconds)
+    return train_seconds
+
+
+# ---------------------------------------------------------------------------- evaluation
 
 
 @dataclass
@@ -149,17 +164,9 @@ class SplitPrediction:
     seconds: float  # wall time of the batched predict calls
 
 
-def predict_split(
-    model: AnomalyMethod,
-    images: np.ndarray,
-    category_index: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    progress: bool = False,
-) -> SplitPrediction:
+def predict_split(model: AnomalyMethod, images: np.ndarray, category_index: int, batch_size: int, seed: int,
+                  device: torch.device, progress: bool = False) -> SplitPrediction:
     """Run ``predict`` over uint8 images [N, 3, H, W] in batches with a seeded generator."""
-    model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     maps, scores = [], []
     start = time.perf_counter()
@@ -189,46 +196,39 @@ class SplitResult:
     prediction: SplitPrediction
 
 
-def evaluate_split(
-    model: AnomalyMethod,
-    images: np.ndarray,
-    masks: np.ndarray,
-    labels: np.ndarray,
-    category_index: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    progress: bool = False,
-) -> SplitResult:
+def evaluate_split(model: AnomalyMethod, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, category_index: int,
+                   batch_size: int, seed: int, device: torch.device, progress: bool = False) -> SplitResult:
     prediction = predict_split(model, images, category_index, batch_size, seed, device, progress)
-    metrics = metric_fns.evaluate(labels, prediction.scores, masks, prediction.maps)
-    return SplitResult(metrics, prediction)
+    return SplitResult(metric_fns.evaluate(labels, prediction.scores, masks, prediction.maps), prediction)
 
 
-def fit(
-    model: nn.Module,
-    data: TrainingData,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-    *,
-    optimizers: Optimizers | None = None,
-    start_epoch: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    progress: bool = True,
-) -> None:
-    """Train ``epochs`` epochs from ``start_epoch`` (a resumed run passes its restored
-    optimiser and the next epoch)."""
-    optimizers = optimizers or unwrap(model).configure_optimizers()
-    bar = tqdm(range(start_epoch, epochs), desc="train", disable=not progress or rank != 0, initial=start_epoch, total=epochs)
-    for epoch in bar:
-        terms = train_epoch(model, optimizers, data, batch_size, epoch, seed, device, rank, world_size)
-        bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, terms)
+def validate(model: AnomalyMethod, datas: Sequence[CategoryData], settings: EvaluationSettings, device: torch.device) -> dict[str, float]:
+    """Validation metrics averaged over the model's categories (the tuning signal during training)."""
+    per_category = [evaluate_split(model, d.val_images, d.val_masks, d.val_labels, i, settings.batch_size, settings.seed, device).metrics
+                    for i, d in enumerate(datas)]
+    mean = mean_metrics(per_category)
+    return {metric_name("val", m): getattr(mean, m) for m in METRICS}
+
+
+def evaluate_model(model: AnomalyMethod, datas: Sequence[CategoryData], settings: EvaluationSettings, device: torch.device,
+                   sample_dir: Path | None, train_seconds: float) -> ModelEvaluation:
+    """Validation and test metrics, throughput, batch-1 latency and sample maps (saved
+    under ``sample_dir``) of a model on each of its categories."""
+    s = settings
+    out = []
+    for index, d in enumerate(datas):
+        val = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, index, s.batch_size, s.seed, device)
+        test = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, index, s.batch_size, s.seed, device)
+        latency = measure_latency(model, d.test_images, index, s.latency_images, s.seed, device)
+        maps = save_sample_maps(sample_dir, d.category, d.test_images, test.prediction.maps, d.test_masks, d.test_labels,
+                                s.sample_maps) if sample_dir is not None else []
+        out.append(CategoryEvaluation(category=d.category, val=val.metrics, test=test.metrics,
+                                      images_per_second=len(d.test_images) / test.prediction.seconds,
+                                      latency_ms=1000 * latency, sample_maps=maps))
+    return ModelEvaluation(categories=out, train_seconds=train_seconds)
+
+
+# ------------------------------------------------------------------------- in-process run
 
 
 @dataclass
@@ -257,31 +257,27 @@ def run_local(
 ) -> LocalResult:
     """Train and evaluate in this process (no Ray, no MLflow): one model per category,
     or one over all categories for multi-class methods. Seeded end to end."""
-    cls = get_method(method)
-    overrides = dict(overrides or {})
-    if cls.multi_class:
-        overrides.setdefault("num_categories", len(categories))
-    config = resolve_method_config(method, scale, overrides)
-    datas = load_data(dataset, categories, config, root=data_root, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed)
-    textures = texture_bank(datas[0].train_images.shape[-1], cache_dir=cache_dir)
-    device = torch.device("cpu")
-    groups = [list(range(len(datas)))] if cls.multi_class else [[i] for i in range(len(datas))]
+    from orchestrator.config import resolve_method_config
 
+    cls = get_method(method)
+    groups = [list(categories)] if cls.multi_class else [[c] for c in categories]
+    data = DataSpec(dataset, str(data_root) if data_root else None, str(cache_dir), val_fraction, seed)
+    device = torch.device("cpu")
     val: dict[str, metric_fns.Metrics] = {}
     test: dict[str, metric_fns.Metrics] = {}
     models: dict[str, AnomalyMethod] = {}
     train_seconds = predict_seconds = 0.0
     for group in groups:
+        config = resolve_method_config(method, scale, cls.category_overrides(group), overrides or {})
+        datas = load_datas(data, group, config)
+        textures = data.texture_bank(datas[0].train_images.shape[-1])
         torch.manual_seed(seed)
         model = build_model(method, config, backbone_factory or default_backbone_factory).to(device)
-        start = time.perf_counter()
-        fit(model, training_data([datas[i] for i in group], textures), config.epochs, config.batch_size, seed, device, progress=progress)
-        train_seconds += time.perf_counter() - start
-        for position, i in enumerate(group):
-            d = datas[i]
+        train_seconds += fit(model, model.configure_optimizers(), training_data(datas, textures), config, seed, device, progress=progress)
+        for position, d in enumerate(datas):
             val[d.category] = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, position, eval_batch_size, seed, device).metrics
             result = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, position, eval_batch_size, seed, device)
             test[d.category] = result.metrics
             predict_seconds += result.prediction.seconds
-        models["+".join(datas[i].category for i in group)] = model
+        models["+".join(group)] = model
     return LocalResult(val, test, train_seconds, predict_seconds, models)

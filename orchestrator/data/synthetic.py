@@ -17,9 +17,6 @@ not perfect).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from skimage import draw
 
 from orchestrator.data.mvtec import MVTecLayout
 from orchestrator.errors import DatasetError
+from orchestrator.files import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +201,9 @@ def generate(root: Path, seed: int = SEED) -> Path:
         return root
     if root.exists() and any(root.iterdir()):
         raise DatasetError(f"{root} exists but is not a complete synthetic dataset (no .complete marker); delete that folder to regenerate it")
-    root.parent.mkdir(parents=True, exist_ok=True)
     log.info("generating the synthetic dataset (seed %d) in %s", seed, root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         photos = load_photos()
         for index, (category, defects) in enumerate(CATEGORIES.items()):
             rng = np.random.default_rng([seed, index])
@@ -222,14 +219,8 @@ def generate(root: Path, seed: int = SEED) -> Path:
                     if defect != "good":
                         _save_png(folder / "ground_truth" / defect / f"{i:03d}_mask.png", sample.mask.astype(np.uint8) * 255)
         (tmp / ".complete").write_text(f"{VERSION} seed {seed}\n")
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / ".complete").is_file():
-                raise
-            log.info("%s was generated concurrently by another process; using that copy", root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(root, fill, is_complete=lambda f: (f / ".complete").is_file())
     return root
 
 

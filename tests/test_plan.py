@@ -1,0 +1,73 @@
+"""The sweep plan and the typed results that travel from a trial to MLflow (no Ray, no MLflow)."""
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.metrics import Metrics
+from orchestrator.plan import plan
+from orchestrator.results import (VALIDATION_METRICS, CategoryEvaluation, ModelEvaluation, TrialResult, is_metric,
+                                  model_evaluation_from_json, model_evaluation_json, tune_report)
+from orchestrator.search_space import METRICS as SPACE_METRICS
+
+
+def test_grid_plan_resolves_every_point_once(cache_dir):
+    sweep = plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir)}, {"epochs": 1})
+    assert [p.label for p in sweep.points] == ["steps=5", "steps=10", "steps=20", "steps=50"]
+    assert [p.config.steps for p in sweep.points] == [5, 10, 20, 50]
+    assert all(p.config.epochs == 1 for p in sweep.points) and sweep.default_config.steps == 20
+    assert sweep.method_config({"point": "steps=10", "category": "washer"}) is sweep.points[1].config
+    assert sweep.categories == ("washer",) and sweep.per_category_trials
+    assert sweep.model_groups({"point": "steps=10", "category": "washer"}) == [["washer"]]
+
+
+def test_condition_plan_and_optuna_plan(cache_dir):
+    rows = plan({"ablation": "transfusion_final_mask", "data.cache_dir": str(cache_dir)}, {})
+    assert rows.points[0].label == rows.space.default_label and len(rows.points) == 4
+    optuna = plan({"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir)}, {})
+    assert optuna.points == () and optuna.method_config({"disc_weight": 0.5}).disc_weight == 0.5
+
+
+def test_multi_class_plan_sets_the_categories(cache_dir):
+    sweep = plan({"ablation": "drdc_gamma", "data.cache_dir": str(cache_dir)}, {})
+    assert sweep.default_config.num_categories == len(sweep.categories) and not sweep.per_category_trials
+    assert sweep.model_groups({"gamma": 0.5}) == [list(sweep.categories)]
+
+
+def test_space_categories_apply_only_to_its_own_dataset(tmp_path, cache_dir):
+    root = tmp_path / "mvtec"
+    for sub in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (root / "bottle" / sub).mkdir(parents=True)
+    sweep = plan({"ablation": "transfusion_steps", "dataset": "mvtec_ad", "data.root": str(root), "data.cache_dir": str(cache_dir)}, {})
+    assert sweep.categories == ("bottle",)  # the space's synthetic washer is not applied to MVTec AD
+
+
+def test_invalid_method_value_is_one_line(cache_dir):
+    with pytest.raises(ConfigError) as err:
+        plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir)}, {"batch_size": 0})
+    assert "batch_size" in str(err.value) and "\n" not in str(err.value)
+
+
+def _metrics(x: float) -> Metrics:
+    return Metrics(image_auroc=x, pixel_auroc=x / 2, aupro=x / 4, pixel_ap=x / 8)
+
+
+def test_trial_result_metrics_and_round_trip():
+    cats = [CategoryEvaluation("a", _metrics(0.8), _metrics(0.6), 10.0, 5.0, ["/x/a.png"]),
+            CategoryEvaluation("b", _metrics(1.0), _metrics(0.4), 30.0, 7.0, [])]
+    result = TrialResult([ModelEvaluation(cats[:1], 3.0), ModelEvaluation(cats[1:], 4.0)], ["k1", "k2"], 1)
+    m = result.metrics()
+    assert m["val_image_auroc"] == pytest.approx(0.9) and m["test_aupro"] == pytest.approx(0.125)
+    assert m["test_image_auroc/a"] == 0.6 and m["test_image_auroc/b"] == 0.4
+    assert m["images_per_second"] == 20.0 and m["model_train_seconds"] == 7.0 and m["models_trained"] == 1.0
+    assert all(is_metric(k) for k in m) and not is_metric("time_total_s") and not is_metric("result")
+    assert TrialResult.from_json(result.to_json()) == result
+    assert result.sample_maps == ["/x/a.png"]
+    assert model_evaluation_from_json(model_evaluation_json(result.models[0])) == result.models[0]
+    report = tune_report(result)
+    assert report["model_keys"] == "k1,k2" and TrialResult.from_json(report["result"]) == result
+    assert ModelEvaluation(cats, 0.0).validation() == {k: pytest.approx(v) for k, v in
+                                                      {"val_image_auroc": 0.9, "val_pixel_auroc": 0.45, "val_aupro": 0.225, "val_pixel_ap": 0.1125}.items()}
+
+
+def test_metric_names_have_one_definition():
+    assert SPACE_METRICS == VALIDATION_METRICS == ("val_image_auroc", "val_pixel_auroc", "val_aupro", "val_pixel_ap")
