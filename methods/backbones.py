@@ -43,6 +43,13 @@ BACKBONE_STAGES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 BACKBONES: tuple[str, ...] = tuple(BACKBONE_STAGES)
 TORCHVISION_BACKBONES: frozenset[str] = frozenset({"wide_resnet101_2", "efficientnet_b4"})
+# torchvision's file names for the ImageNet weights, preferred first (IMAGENET1K_V1 is
+# what the anomaly-detection literature used; V2 is accepted when it is the one present).
+# Data only: reading the files is the caller's business (orchestrator/pretrained.py).
+HUB_FILES: dict[str, tuple[str, ...]] = {
+    "wide_resnet101_2": ("wide_resnet101_2-32ee1156.pth", "wide_resnet101_2-d733dc28.pth"),
+    "efficientnet_b4": ("efficientnet_b4_rwightman-23ab8bcd.pth", "efficientnet_b4_rwightman-7eb33cd5.pth"),
+}
 
 # efficientnet-lite0 has 16 MBConv blocks in 7 groups; the groups that end at a new
 # stride end at these block indices (groups 1, 2, 3, 5 and 7 of the official builder).

@@ -24,17 +24,11 @@ from pathlib import Path
 
 import torch
 
-from methods.backbones import BACKBONES, TORCHVISION_BACKBONES, FeatureExtractor
+from methods.backbones import BACKBONES, HUB_FILES, TORCHVISION_BACKBONES, FeatureExtractor
 from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# torchvision's file names for the ImageNet weights, preferred first (IMAGENET1K_V1 is
-# what the anomaly-detection literature used; V2 is accepted when it is the one present).
-HUB_FILES: dict[str, tuple[str, ...]] = {
-    "wide_resnet101_2": ("wide_resnet101_2-32ee1156.pth", "wide_resnet101_2-d733dc28.pth"),
-    "efficientnet_b4": ("efficientnet_b4_rwightman-23ab8bcd.pth", "efficientnet_b4_rwightman-7eb33cd5.pth"),
-}
 OFFLINE_HINT = "or use method.backbone=efficientnet_lite0 (offline)"
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.data import list_categories
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 ROOT = Path(__file__).resolve().parent.parent
 
 
