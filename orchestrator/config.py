@@ -17,11 +17,13 @@ with a one-line message listing what is valid.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -76,6 +78,8 @@ class Settings:
     tracking_uri: Optional[str] = None  # MLflow store; default $MLFLOW_TRACKING_URI or ./mlflow.db
     storage_path: str = "ray_results"  # Ray Tune/Train storage and the model store (shared on clusters)
     eval_every: int = 0  # epochs between validation reports + checkpoints (0 = auto: epochs // 4 with ASHA or >= 100 epochs, else the last epoch)
+    autoscaling: bool = False  # the cluster adds nodes on demand: wait for resources instead of stopping
+    checkpoint_every_s: float = 600.0  # wall-clock seconds between checkpoints of a training, besides those at validation
     eval_batch_size: int = 16  # images per predict() call
     latency_images: int = 4  # images timed one at a time for batch-1 latency
     sample_maps: int = 4  # anomaly-map PNGs logged per trial
@@ -128,8 +132,10 @@ def build_settings(values: dict[str, Any], base: dict[str, Any] | None = None) -
     try:
         merged = OmegaConf.merge(schema, base or {})
         for key, value in values.items():
-            OmegaConf.update(merged, key, value, merge=True, force_add=False)
             _check_known(schema, key)
+            if key == "categories" and isinstance(value, str):
+                raise ConfigError(f"categories must be a list, e.g. categories=[{value}], got {value!r}")
+            OmegaConf.update(merged, key, value, merge=True, force_add=False)
         settings: Settings = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc, valid=settings_keys())) from None
@@ -139,14 +145,38 @@ def build_settings(values: dict[str, Any], base: dict[str, Any] | None = None) -
         raise ConfigError(f"unknown method {settings.method!r}; valid: {', '.join(sorted(METHODS))}")
     if settings.data.foreground not in ("auto", "on", "off"):
         raise ConfigError(f"unknown data.foreground {settings.data.foreground!r}; valid: auto, on, off")
-    if settings.trial.workers < 1:
-        raise ConfigError(f"trial.workers must be >= 1, got {settings.trial.workers}")
+    for key, (ok, valid) in RANGES.items():
+        value = functools.reduce(getattr, key.split("."), settings)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} must be {valid}, got {value}")
     return settings
+
+
+# Every numeric setting and its valid range (a test checks none is missing): checked in
+# build_settings, so a bad number stops the sweep before data, Ray or MLflow are touched.
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1) (the share of train/good held out for validation)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+    "trial.cpus": (lambda v: v > 0, "> 0"),
+    "trial.gpus": (lambda v: v >= 0, ">= 0"),
+    "trial.workers": (lambda v: v >= 1, ">= 1"),
+    "max_concurrent": (lambda v: v >= 1, ">= 1"),
+    "num_samples": (lambda v: v >= 1, ">= 1 (leave it out to use the search space's num_samples)"),
+    "max_failures": (lambda v: v >= 0, ">= 0"),
+    "eval_every": (lambda v: v >= 0, ">= 0 (0 = auto)"),
+    "checkpoint_every_s": (lambda v: v > 0, "> 0 seconds"),
+    "eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "latency_images": (lambda v: v >= 1, ">= 1"),
+    "sample_maps": (lambda v: v >= 0, ">= 0 (0 = none)"),
+}
 
 
 def _check_known(schema: Any, key: str) -> None:
     if OmegaConf.select(schema, key, throw_on_missing=False, default="__missing__") == "__missing__" and key not in settings_keys():
-        raise ConfigError(f"unknown key {key!r}; valid: {', '.join(settings_keys())}, method.<field>")
+        head, _, rest = key.partition(".")
+        close = difflib.get_close_matches(key, settings_keys() + ([f"method.{rest}"] if rest else []), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown key {key!r}{hint}; valid: {', '.join(settings_keys())}, method.<field>")
 
 
 def settings_keys() -> list[str]:
@@ -175,14 +205,15 @@ def resolve_method_config(name: str, scale: str, *layers: dict[str, Any]) -> Any
                 merged = OmegaConf.merge(merged, {key: value})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{name}: " + _omegaconf_message(exc, valid=[f"method.{v}" for v in valid])) from None
+        raise ConfigError(f"{name}: " + _omegaconf_message(exc, valid=[f"method.{v}" for v in valid], prefix="method.")) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid {name} config: {exc}") from None
 
 
-def _omegaconf_message(exc: OmegaConfBaseException, valid: list[str]) -> str:
+def _omegaconf_message(exc: OmegaConfBaseException, valid: list[str], prefix: str = "") -> str:
     first = str(exc).splitlines()[0]
     key = getattr(exc, "full_key", None)
+    key = f"{prefix}{key}" if key else key
     if "not in" in first or "Key" in first and "not" in first:
         return f"unknown key {key!r}; valid: {', '.join(valid)}"
     return f"bad value for {key!r}: {first}"

@@ -5,11 +5,24 @@
 config and, for grid searches, every valid point with its resolved config (invalid ones
 are listed, never silently dropped). Trials look their config up here by point label;
 an Optuna trial resolves its sampled values once.
+
+Before the dataset is touched, ``plan`` also checks where the sweep will write:
+``storage_path`` writable (probed, nothing left behind; ``data.cache_dir`` is not probed,
+as a complete cache may be read-only), an http(s) ``tracking_uri`` answering (one GET,
+5 s) or a SQLite one's folder present, and for ``resume=true`` an earlier sweep to
+resume. Bad input thus fails here, in one :class:`ConfigError` line, before Ray starts
+or MLflow is written.
 """
 
 from __future__ import annotations
 
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from methods import get_method
@@ -76,7 +89,7 @@ class SweepPlan:
         return [[c] for c in self.categories]
 
     def model_key(self, config: MethodConfig, categories: list[str]) -> ModelKey:
-        return model_key(self.method, config, self.data, categories)
+        return model_key(self.method, config, self.data, categories, self.settings.trial.workers)
 
 
 def resolve_config(space: spaces.SearchSpace, scale: str, method_overrides: dict[str, Any], categories: tuple[str, ...],
@@ -114,11 +127,72 @@ def resolve_categories(settings: Settings, data: DataSpec) -> list[str]:
     return list(settings.categories)
 
 
+def check_storage(path: str | Path, key: str = "storage_path") -> None:
+    """Check that ``path`` is (or can become) a folder we can write in, leaving nothing
+    behind: missing folders are created for a probe file and removed again, so a sweep
+    that stops later on bad input has not created its storage."""
+    if "://" in str(path):
+        return  # a remote URI (s3://...): not probed from here
+    folder = Path(path).resolve()
+    created: list[Path] = []
+    try:
+        for parent in reversed([folder, *folder.parents]):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        probe = folder / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+        raise ConfigError(f"{key} {path} is not a writable folder ({reason}); set {key}= to a folder you can write to") from None
+    finally:
+        for made in reversed(created):
+            try:
+                made.rmdir()
+            except OSError:
+                pass  # someone else has put something there meanwhile: keep it
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """An MLflow server must answer before anything starts (MLflow itself would retry
+    for minutes, after Ray had started); a SQLite store needs its folder. No MLflow here:
+    one plain GET of ``<uri>/health`` with a 5 s timeout."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return  # the default ./mlflow.db
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except urllib.error.HTTPError:
+            return  # it answered (a server or proxy without /health): reachable
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(f"tracking_uri {uri} is not reachable ({reason}); start the server or fix tracking_uri") from None
+    elif scheme == "sqlite":
+        database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if database and database != ":memory:" and not Path(database).resolve().parent.is_dir():
+            raise ConfigError(f"tracking_uri {uri}: folder {Path(database).resolve().parent} does not exist; create it or fix tracking_uri")
+
+
+def check_resume(space: spaces.SearchSpace, settings: Settings) -> None:
+    """``resume=true`` needs an earlier sweep of this ablation and dataset under storage_path
+    (the sweep checks that Tune can restore it, once Ray is imported)."""
+    sweeps_root = Path(settings.storage_path).resolve() / "sweeps"
+    prefix = f"{space.name}-{settings.dataset}"
+    if settings.resume and not any(p.is_dir() for p in sweeps_root.glob(f"{prefix}-*")):
+        raise ConfigError(f"resume=true but no sweep {prefix}-* under {sweeps_root} to restore; run without resume=true")
+
+
 def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
     """Everything a sweep will run, checked before anything starts."""
     space = spaces.load(values["ablation"])
     settings = settings_for(space, values)
     scale = settings.scale or space.scale
+    check_resume(space, settings)
+    check_storage(settings.storage_path)
+    check_tracking_uri(settings.tracking_uri)
     data = settings.data_spec()
     categories = tuple(resolve_categories(settings, data))
     default_config = resolve_config(space, scale, method_overrides, categories, {})

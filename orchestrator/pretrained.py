@@ -42,7 +42,7 @@ def load_backbone(name: str) -> FeatureExtractor:
     """The frozen ImageNet feature extractor ``name`` (one instance per process)."""
     if name not in BACKBONES:
         raise UserError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    path = _lite0_file() if name == "efficientnet_lite0" else _hub_file(name)
+    path = backbone_file(name)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     try:
         extractor = FeatureExtractor(name, state_dict)
@@ -50,6 +50,13 @@ def load_backbone(name: str) -> FeatureExtractor:
         raise UserError(f"{exc}") from None
     log.info("backbone %s: ImageNet weights from %s", name, path)
     return extractor
+
+
+def backbone_file(name: str) -> Path:
+    """The weight file ``name`` is loaded from (a one-line UserError when it is missing)."""
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    return _lite0_file() if name == "efficientnet_lite0" else _hub_file(name)
 
 
 def _lite0_file() -> Path:

@@ -8,7 +8,9 @@ checkpoint instead of restarting.
 
 Train once, evaluate many: a trial computes the model key of its training config
 (orchestrator/store.py) and trains only if no stored model has that key — and only if
-no other trial is already training it (:class:`TrainingClaims`). Evaluation runs where
+no other trial, of this sweep or of another sharing the storage, holds the key's lease
+(orchestrator/leases.py). A lease whose owner died expires; the next trial takes it over
+and continues from the key's latest checkpoint. Evaluation runs where
 the model already is: in the training worker right after its last epoch when the trial
 trained it, else as a Ray task holding the trial's CPU/GPU resources, so inference-only
 trials cost seconds, not a TorchTrainer start-up.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from methods.base import MethodConfig
 from orchestrator import search_space as spaces
 from orchestrator.errors import ConfigError
 from orchestrator.files import write_text
+from orchestrator.leases import Lease
 from orchestrator.plan import SweepPlan
 from orchestrator.results import ModelEvaluation, TrialResult, model_evaluation_from_json, model_evaluation_json, tune_report
 from orchestrator.store import ModelKey, ModelStore
@@ -85,36 +89,22 @@ def start_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **{"log_to_driver": True, **init_kwargs})
 
 
-# ---------------------------------------------------------------------- coordination
-
-
-@ray.remote(num_cpus=0)
-class TrainingClaims:
-    """Which trial is training which model key in this sweep (one actor per sweep)."""
-
-    def __init__(self) -> None:
-        self.owners: dict[str, str] = {}
-        self.done: set[str] = set()  # keys trained in this sweep (what retrain=true waits for)
-
-    def claim(self, key: str, owner: str) -> str:
-        """"train" if ``owner`` should train ``key``, "wait" if another trial is training
-        it, "ready" if it was already trained in this sweep."""
-        if key in self.done:
-            return "ready"
-        return "train" if self.owners.setdefault(key, owner) == owner else "wait"
-
-    def finish(self, key: str, owner: str, ok: bool) -> None:
-        """The owner stopped training ``key``: published (ok) or failed (a waiter takes over)."""
-        if self.owners.get(key) == owner:
-            del self.owners[key]
-        if ok:
-            self.done.add(key)
-
-
-def claims_actor(name: str):
-    """The sweep's :class:`TrainingClaims` actor, created by the driver (or, after a
-    restart, found again by name). It lives as long as the driver holds the handle."""
-    return TrainingClaims.options(name=name, get_if_exists=True, lifetime=None).remote()
+def check_resources(cpus: float, gpus: float, workers: int, autoscaling: bool) -> None:
+    """Stop before any trial starts when no node can hold one Train worker (or the cluster
+    cannot hold a trial's workers): on a fixed-size cluster it would wait forever. With an
+    autoscaler the nodes may come: warn and wait."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": cpus, "GPU": gpus}
+    fits_one = any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in nodes)
+    fits_all = all(sum(node.get(k, 0.0) for node in nodes) >= v * workers for k, v in need.items() if v)
+    if fits_one and fits_all:
+        return
+    have = "; ".join(f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU" for node in nodes) or "no nodes"
+    message = (f"a trial needs {workers} worker(s) of {cpus:g} CPU and {gpus:g} GPU, more than the cluster has (nodes: {have}); "
+               "lower trial.cpus / trial.gpus / trial.workers or add nodes")
+    if not autoscaling:
+        raise ConfigError(message)
+    log.warning("%s; waiting for the autoscaler", message)
 
 
 # ------------------------------------------------------------------------- the trial
@@ -125,7 +115,7 @@ class TrialContext:
     """What every trial of a sweep shares: the plan and where things go."""
 
     plan: SweepPlan
-    claims_actor: str  # name of the sweep's TrainingClaims actor
+    sweep_name: str
     storage_path: str  # absolute
     artifact_dir: str  # absolute; a trial's sample maps and hand-offs land in <artifact_dir>/<trial_id>/
 
@@ -163,27 +153,38 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     data = training_data(datas, plan.data.texture_bank(datas[0].train_images.shape[-1]))
     model = build_model(plan.method, config).to(device)
     optimizers = model.configure_optimizers()
-    start_epoch, train_seconds = 0, 0.0
+    start_epoch, train_seconds, resumed_after = 0, 0.0, 0
     checkpoint = ray.train.get_checkpoint()
+    folder = None
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=False)
+        with checkpoint.as_directory() as restored:
+            state = torch.load(Path(restored) / "state.pt", map_location=device, weights_only=False)
+        folder = "this run's checkpoint"
+    elif cfg["resume_from"]:  # a takeover: the latest checkpoint another attempt left
+        state = torch.load(Path(cfg["resume_from"]) / "state.pt", map_location=device, weights_only=False)
+        folder = cfg["resume_from"]
+    if folder is not None:
         model.load_state_dict(state["model"])
         if optimizers is not None:
             optimizers.optimizer.load_state_dict(state["optimizer"])
             if optimizers.scheduler is not None:
                 optimizers.scheduler.load_state_dict(state["scheduler"])
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
-        log.info("resuming model %s after epoch %d", key.short, start_epoch)
+        resumed_after = start_epoch
+        log.info("model %s resumes after epoch %d from %s", key.short, start_epoch, folder)
     # A method with nothing to train by gradient descent is not wrapped in DDP.
     trained = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if optimizers else model
     period = validation_period(plan.settings.eval_every, config.epochs, bool(plan.space.asha))
+    last_checkpoint = time.monotonic()
 
     def on_epoch_end(epochs_done: int, terms: dict[str, float], seconds: float) -> None:
-        if epochs_done % period and epochs_done != config.epochs:
-            return
+        """Every epoch reports its losses; validation every ``period`` epochs; a checkpoint
+        with each validation and at least every ``checkpoint_every_s`` seconds."""
+        nonlocal last_checkpoint
         report = {"epoch": epochs_done, "train_seconds": seconds, **{f"train_{k}": v for k, v in terms.items()}}
-        if rank != 0:
+        validating = epochs_done % period == 0 or epochs_done == config.epochs
+        due = validating or time.monotonic() - last_checkpoint >= plan.settings.checkpoint_every_s
+        if rank != 0 or not due:
             ray.train.report(report)
             return
         if epochs_done == config.epochs:
@@ -193,7 +194,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             evaluation = evaluate_model(model, datas, plan.evaluation, device, context.trial_dir(cfg["trial_id"]), seconds)
             write_text(context.evaluation_path(cfg["trial_id"], key), model_evaluation_json(evaluation))
             report.update(evaluation.validation())
-        else:
+        elif validating:
             report.update(validate(model, datas, plan.evaluation, device))
         with tempfile.TemporaryDirectory() as folder:
             state = {"model": model.state_dict(), "epoch": epochs_done, "train_seconds": seconds,
@@ -201,66 +202,82 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                      "scheduler": optimizers.scheduler.state_dict() if optimizers and optimizers.scheduler else None}
             torch.save(state, Path(folder) / "state.pt")
             ray.train.report(report, checkpoint=Checkpoint.from_directory(folder))
+        last_checkpoint = time.monotonic()
 
     train_seconds = fit(trained, optimizers, data, config, seed, device, start_epoch=start_epoch, train_seconds=train_seconds,
                         rank=rank, world_size=world_size, on_epoch_end=on_epoch_end)
     if rank == 0:
         meta = {"method": plan.method, "categories": categories, "epochs": config.epochs, "train_seconds": train_seconds,
-                "world_size": world_size, "device": str(device)}
+                "world_size": world_size, "device": str(device), "sweep": context.sweep_name, "trial_id": cfg["trial_id"],
+                "resumed_after_epoch": resumed_after}
         ModelStore(context.storage_path).save(key, {k: v.cpu() for k, v in model.state_dict().items()}, meta)
 
 
-def train_model(context: TrialContext, config: MethodConfig, categories: list[str], key: ModelKey, run_name: str, trial_id: str) -> None:
-    """Run Ray Train for one model; its validation reports reach Tune (and ASHA), and its
-    final evaluation lands at ``context.evaluation_path``. A ``run_name`` with
-    checkpoints in storage resumes from the latest one."""
+def train_model(context: TrialContext, config: MethodConfig, categories: list[str], key: ModelKey, run_name: str, trial_id: str,
+                resume_from: Path | None) -> None:
+    """Run Ray Train for one model; its reports reach Tune (and ASHA), and its final
+    evaluation lands at ``context.evaluation_path``. A ``run_name`` with checkpoints in
+    storage resumes from its latest one, else from ``resume_from``."""
     s = context.plan.settings
     context.evaluation_path(trial_id, key).unlink(missing_ok=True)  # left by an earlier attempt of this trial
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"context": context, "method_config": config, "key": key, "categories": categories, "trial_id": trial_id},
+        train_loop_config={"context": context, "method_config": config, "key": key, "categories": categories, "trial_id": trial_id,
+                           "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.trial.workers, use_gpu=s.trial.gpus > 0,
                                      resources_per_worker={"CPU": s.trial.cpus, **({"GPU": s.trial.gpus} if s.trial.gpus else {})}),
         run_config=RunConfig(name=run_name, storage_path=str(Path(context.storage_path) / "train"),
                              failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
 
 
+def latest_checkpoint(storage_path: str, key: ModelKey) -> Path | None:
+    """The newest checkpoint any training of ``key`` left (every attempt's Train run is
+    named ``train-<key>-...``), so a takeover continues where a dead owner stopped."""
+    found = sorted(Path(storage_path, "train").glob(f"train-{key.short}*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
 def ensure_model(context: TrialContext, config: MethodConfig, categories: list[str], owner: str) -> tuple[ModelKey, bool]:
-    """Make sure the model for this training config exists; returns (key, trained_here)."""
+    """Make sure the model for this training config exists; returns (key, trained_here).
+    Coordinated through the key's lease on the shared storage, across sweeps."""
     settings = context.plan.settings
     key = context.plan.model_key(config, categories)
     store = ModelStore(context.storage_path)
     if not settings.reuse_models:  # every trial trains its own copy (measures the train-once gain)
-        train_model(context, config, categories, key, f"train-{key.short}-{owner}", owner)
+        train_model(context, config, categories, key, f"train-{key.short}-{owner}", owner, resume_from=None)
         return key, True
-    claims = ray.get_actor(context.claims_actor)
-    # The run name is stable across resume=true (an interrupted training continues from its
-    # last checkpoint) but fresh for retrain=true (a finished one would only be reloaded).
-    run_name = f"train-{key.short}" + (f"-{owner}" if settings.retrain else "")
+
+    def ready() -> bool:
+        # retrain=true: only a version published by this sweep counts
+        return store.exists(key) and (not settings.retrain or store.meta(key).get("sweep") == context.sweep_name)
+
+    lease = Lease(Path(context.storage_path) / "leases", f"model-{key.key}", owner=f"{context.sweep_name}/{owner}")
     waited = 0.0
-    while True:
-        if not settings.retrain and store.exists(key):
-            return key, False
-        status = ray.get(claims.claim.remote(key.key, owner))
-        if status == "ready":
-            return key, False
-        if status == "train":
-            ok = False
+    while not ready():
+        if lease.acquire():
+            lease.hold()
             try:
-                train_model(context, config, categories, key, run_name, owner)
-                ok = store.exists(key)
+                if ready():  # published between our check and the lease
+                    break
+                # A new Train run per attempt, started from the key's latest checkpoint
+                # (a resumed trial finds its own run's checkpoint there too).
+                train_model(context, config, categories, key, f"train-{key.short}-{owner}", owner,
+                            resume_from=None if settings.retrain else latest_checkpoint(context.storage_path, key))
+                if not store.exists(key):
+                    raise RuntimeError(f"training of model {key.short} finished without publishing weights")
+                return key, True
             finally:
-                ray.get(claims.finish.remote(key.key, owner, ok))
-            if not ok:
-                raise RuntimeError(f"training of model {key.short} finished without publishing weights")
-            return key, True
+                lease.release()
         time.sleep(2.0)
         waited += 2.0
         if waited % 60 < 2.0:
-            log.info("trial %s: waiting %.0fs for model %s trained by another trial", owner, waited, key.short)
+            holder = lease.read()
+            log.info("trial %s: waiting %.0fs for model %s trained by %s", owner, waited, key.short, holder.owner if holder else "?")
+    return key, False
 
 
 def evaluate_stored(context: TrialContext, config: MethodConfig, categories: list[str], key: ModelKey, trial_id: str) -> ModelEvaluation:
@@ -324,7 +341,8 @@ class MLflowCallback(tune.Callback):
         self.recorder.log(self._run(trial), result, step=int(result.get("training_iteration", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.recorder.finish(self._run(trial), ok=True)
+        # Completed without its final result: a scheduler (ASHA) stopped it early.
+        self.recorder.finish(self._run(trial), ok=True, stopped_early="result" not in (trial.last_result or {}))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.recorder.finish(self._run(trial), ok=False, error=str(getattr(trial, "error_file", None) or ""))
@@ -359,9 +377,12 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], OptunaSearch | None]:
 
 @dataclass(frozen=True)
 class TrialOutcome:
+    """What Tune says of a trial; whether it finished, stopped early or was interrupted is
+    what its MLflow run says (the recorder closes a run only when Tune completes the trial)."""
+
+    trial_id: str
     path: str
     error: str | None  # first line of the error of a failed trial
-    finished: bool  # reported its final result (False: interrupted before)
 
 
 def latest_sweep(sweeps_root: Path, prefix: str) -> Path | None:
@@ -374,19 +395,27 @@ def run_sweep(context: TrialContext, sweep_name: str, sweeps_root: Path, recorde
     """Run (or, with ``resume``, restore and finish) the sweep's Tune experiment."""
     plan = context.plan
     space, s = plan.space, plan.settings
+    # Every epoch reports its losses, but validation (the metric Tune, Optuna and ASHA
+    # read) comes only every few epochs; ASHA and the searchers skip results without it.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     connect()
-    claims = claims_actor(context.claims_actor)  # held until the sweep ends
+    # SIGTERM (a scheduler, `ray job stop`) ends the sweep as Ctrl-C does: Tune saves its
+    # state, the parent run is marked KILLED, the resume command is printed. Installed
+    # after ray.init, whose own SIGTERM handler exits the driver at once.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if resume:
         log.info("resuming sweep %s", sweeps_root / sweep_name)
         tuner = tune.Tuner.restore(str(sweeps_root / sweep_name), trainable, resume_errored=True)
     else:
         params, search_alg = param_space(plan)
+        # ASHA's rungs count epochs; a trial that reaches max_t finishes by itself (its
+        # evaluation comes after its last epoch's report, which ASHA must not stop).
         tuner = tune.Tuner(
             trainable,
             param_space=params,
             tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg,
-                                        scheduler=ASHAScheduler(time_attr="training_iteration", **space.asha) if space.asha else None,
+                                        scheduler=ASHAScheduler(time_attr="epoch", stop_last_trials=False, **space.asha) if space.asha else None,
                                         num_samples=s.num_samples or space.num_samples, max_concurrent_trials=s.max_concurrent,
                                         # one trial-driver process serves trial after trial instead of
                                         # each paying a fresh process's imports (torch, diffusers, Ray Train)
@@ -396,6 +425,5 @@ def run_sweep(context: TrialContext, sweep_name: str, sweeps_root: Path, recorde
                                       callbacks=[MLflowCallback(recorder)]),
         )
     results = tuner.fit()
-    del claims
-    return [TrialOutcome(path=str(r.path), error=(str(r.error).splitlines() or [type(r.error).__name__])[0] if r.error else None,
-                         finished=r.error is None and "result" in (r.metrics or {})) for r in results]
+    return [TrialOutcome(trial_id=str((r.metrics or {}).get("trial_id", Path(r.path).name)), path=str(r.path),
+                         error=(str(r.error).splitlines() or [type(r.error).__name__])[0] if r.error else None) for r in results]

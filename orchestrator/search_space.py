@@ -2,13 +2,18 @@
 
 A space names a method and either ``axes`` (a cartesian grid, or Optuna distributions)
 or named ``conditions`` (rows such as "w/o PE", each a set of method-field overrides).
+A *benchmark* space names ``methods`` instead: the method itself is its one axis, each
+method at its own defaults (one row per method; see :data:`METHOD_AXIS`).
 See search_spaces/README.md for the schema. Grid points whose method config is invalid
 (e.g. t_s >= t_b) are skipped and listed, never silently dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,13 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 METRICS = VALIDATION_METRICS  # a sweep optimises validation metrics only
 DISTRIBUTIONS = ("grid", "uniform", "loguniform", "int", "choice")
 TOP_KEYS = {
-    "description", "method", "dataset", "categories", "scale", "fixed", "default_label", "axes",
+    "description", "method", "methods", "dataset", "categories", "scale", "fixed", "default_label", "axes",
     "conditions", "search", "num_samples", "points_to_evaluate", "metric", "mode", "asha", "trial", "paper",
 }
+# A benchmark space's grid points are {METHOD_AXIS: <method name>}: the method is the axis.
+METHOD_AXIS = "method"
+# Keys a benchmark space may not have: its rows are the methods at their defaults.
+SINGLE_METHOD_KEYS = ("method", "fixed", "default_label", "axes", "conditions", "points_to_evaluate")
 
 
 @dataclass(frozen=True)
@@ -62,16 +71,34 @@ class SearchSpace:
     asha: dict[str, Any] | None
     trial: dict[str, Any]
     paper: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the YAML file it was loaded from (logged as the sweep's config artifact)
+    # Benchmark spaces: the methods compared, each at its defaults (then ``method`` is the
+    # first of them, for code that needs one method, e.g. ``--help``). Empty otherwise.
+    methods: tuple[str, ...] = ()
+
+    @property
+    def is_benchmark(self) -> bool:
+        return bool(self.methods)
 
     @property
     def axis_names(self) -> tuple[str, ...]:
+        if self.is_benchmark:
+            return (METHOD_AXIS,)
         return tuple(a.name for a in self.axes) or ("condition",)
 
     def grid_points(self) -> list[dict[str, Any]]:
-        """Every grid point as method overrides (conditions: the default row first)."""
+        """Every grid point as method overrides (conditions: the default row first).
+        A benchmark's points are ``{"method": name}``: split them with :meth:`point_method`."""
+        if self.is_benchmark:
+            return [{METHOD_AXIS: m} for m in self.methods]
         if self.conditions:
             return [{}] + [dict(c.overrides) for c in self.conditions]
         return [dict(zip([a.name for a in self.axes], combo)) for combo in itertools.product(*(a.values for a in self.axes))]
+
+    def point_method(self, point: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """(the method a grid point runs, its method-field overrides)."""
+        fields = {k: v for k, v in point.items() if not (self.is_benchmark and k == METHOD_AXIS)}
+        return (str(point[METHOD_AXIS]) if self.is_benchmark else self.method), fields
 
     def condition(self, name: str) -> dict[str, Any]:
         if name == self.default_label:
@@ -89,15 +116,43 @@ def available() -> list[str]:
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
 
+def is_path(ablation: str) -> bool:
+    """``ablation=`` names a YAML file (``/tmp/my_space.yaml``, ``./x.yml``) rather than a built-in space."""
+    return ablation.endswith((".yaml", ".yml")) or "/" in ablation or os.sep in ablation
+
+
+def space_path(ablation: str, directory: Path = SPACES_DIR) -> Path:
+    """The YAML file ``ablation=`` stands for: a built-in name (``<directory>/<name>.yaml``)
+    or a path to a .yaml file, whose stem is then the space's name."""
+    if not is_path(ablation):
+        path = directory / f"{ablation}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(ablation, available(), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown ablation {ablation!r}{hint}; valid: {', '.join(available()) or '(none found in ' + str(directory) + ')'}, "
+                              f"or a path to a search-space .yaml file")
+        return path
+    path = Path(ablation).expanduser()
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"ablation={ablation}: a search-space file must end in .yaml or .yml")
+    if not path.is_file():
+        raise ConfigError(f"ablation={ablation}: search-space file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    return path.resolve()
+
+
 def load(name: str, directory: Path = SPACES_DIR) -> SearchSpace:
-    path = directory / f"{name}.yaml"
-    if not path.exists():
-        raise ConfigError(f"unknown ablation {name!r}; valid: {', '.join(available()) or '(none found in ' + str(directory) + ')'}")
+    """A built-in space by name, or any search-space YAML by path (named after its stem)."""
+    path = space_path(str(name), directory)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse(name, raw, path)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the search space ({exc})") from None
+    return dataclasses.replace(parse(path.stem, raw, path), source=path)
 
 
 def parse(name: str, raw: dict[str, Any], path: Path | str = "<memory>") -> SearchSpace:
@@ -109,6 +164,8 @@ def parse(name: str, raw: dict[str, Any], path: Path | str = "<memory>") -> Sear
     unknown = set(raw) - TOP_KEYS
     if unknown:
         raise fail(f"unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(TOP_KEYS))}")
+    if "methods" in raw:
+        return _parse_benchmark(name, raw, fail)
     method = raw.get("method")
     if method not in METHODS:
         raise fail(f"method must be one of {', '.join(sorted(METHODS))}, got {method!r}")
@@ -156,6 +213,45 @@ def parse(name: str, raw: dict[str, Any], path: Path | str = "<memory>") -> Sear
     metric = raw.get("metric", "val_image_auroc")
     if metric not in METRICS:
         raise fail(f"metric must be a validation metric ({', '.join(METRICS)}), got {metric!r}: tuning never looks at the test split")
+    points = tuple(raw.get("points_to_evaluate") or ())
+    for point in points:
+        for key in point:
+            if key not in [a.name for a in axes]:
+                raise fail(f"points_to_evaluate: {key!r} is not an axis; axes: {', '.join(a.name for a in axes)}")
+    return _space(name, raw, fail, method=method, fixed=fixed, axes=tuple(axes), conditions=tuple(conditions),
+                  search=search, metric=metric, points=points)
+
+
+def _parse_benchmark(name: str, raw: dict[str, Any], fail) -> SearchSpace:
+    """``methods: [a, b, ...]``: every method at its own defaults, one grid row each."""
+    methods = raw["methods"]
+    if not isinstance(methods, list) or not methods or any(m not in METHODS for m in methods):
+        raise fail(f"methods must be a non-empty list of {', '.join(sorted(METHODS))}, got {methods!r}")
+    if len(set(methods)) != len(methods):
+        raise fail(f"methods: each method once, got {methods!r}")
+    given = [k for k in SINGLE_METHOD_KEYS if k in raw]
+    if given:
+        raise fail(f"a benchmark space (methods: [...]) runs each method at its defaults; drop {', '.join(given)}")
+    if raw.get("search", "grid") != "grid":
+        raise fail(f"a benchmark space is a grid over its methods; search must be grid, got {raw.get('search')!r}")
+    metric = raw.get("metric", "val_image_auroc")
+    if metric not in METRICS:
+        raise fail(f"metric must be a validation metric ({', '.join(METRICS)}), got {metric!r}: tuning never looks at the test split")
+    paper = raw.get("paper") or {}
+    if paper.get("delta"):
+        raise fail("paper.delta: a benchmark's rows are absolute (each method at its defaults); drop delta: true")
+    rows = paper.get("rows") or {}
+    stray = [r for r in rows if r not in methods]
+    if stray:
+        raise fail(f"paper.rows of a benchmark are keyed by method; {', '.join(map(repr, stray))} not in methods {methods}")
+    return _space(name, raw, fail, method=methods[0], fixed={}, axes=(), conditions=(), search="grid", metric=metric,
+                  points=(), methods=tuple(methods))
+
+
+def _space(name: str, raw: dict[str, Any], fail, *, method: str, fixed: dict[str, Any], axes: tuple[Axis, ...],
+           conditions: tuple[Condition, ...], search: str, metric: str, points: tuple[dict[str, Any], ...],
+           methods: tuple[str, ...] = ()) -> SearchSpace:
+    """The keys every space shares, checked, and the SearchSpace."""
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise fail(f"mode must be max or min, got {mode!r}")
@@ -168,11 +264,6 @@ def parse(name: str, raw: dict[str, Any], path: Path | str = "<memory>") -> Sear
     asha = raw.get("asha")
     if asha is not None and (not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor", "max_t"}):
         raise fail("asha: expected null or {grace_period, reduction_factor, max_t}")
-    points = tuple(raw.get("points_to_evaluate") or ())
-    for point in points:
-        for key in point:
-            if key not in [a.name for a in axes]:
-                raise fail(f"points_to_evaluate: {key!r} is not an axis; axes: {', '.join(a.name for a in axes)}")
     categories = raw.get("categories")
     return SearchSpace(
         name=name,
@@ -183,8 +274,8 @@ def parse(name: str, raw: dict[str, Any], path: Path | str = "<memory>") -> Sear
         scale=scale,
         fixed=fixed,
         default_label=str(raw.get("default_label", "default")),
-        axes=tuple(axes),
-        conditions=tuple(conditions),
+        axes=axes,
+        conditions=conditions,
         search=search,
         num_samples=int(raw.get("num_samples", 1)),
         points_to_evaluate=points,
@@ -193,4 +284,5 @@ def parse(name: str, raw: dict[str, Any], path: Path | str = "<memory>") -> Sear
         asha=asha,
         trial=trial,
         paper=dict(raw.get("paper") or {}),
+        methods=methods,
     )

@@ -9,16 +9,25 @@ training loop, the preprocessing and the dataset's adapter (:func:`code_files`),
 method or a new dataset adapter leaves every other model's key alone. A trial whose key
 already exists loads the weights and only evaluates.
 
-Layout: ``<storage_path>/models/<key>/{model.pt, meta.json}``, published atomically
-(orchestrator/files.py), so a reader never sees half a model.
+Layout: ``<storage_path>/models/<key>/versions/<version>/{model.pt, meta.json}`` and
+``<key>/current`` naming the version to load (:class:`ModelStore`); every write is
+atomic (orchestrator/files.py), so a reader never sees half a model.
+
+    python -m orchestrator.store prune storage_path=ray_results   # drop unreferenced versions, finished Train folders
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import importlib.metadata
 import inspect
 import json
+import shutil
+import sys
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,8 @@ from methods import METHODS
 from methods.base import MethodConfig, config_fingerprint, training_fields
 from orchestrator.data import DataSpec
 from orchestrator.data.registry import get_adapter
-from orchestrator.files import publish_folder
+from orchestrator.errors import ConfigError
+from orchestrator.files import publish_folder, write_text
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Orchestrator code every trained model depends on: the training loop and the preprocessing.
@@ -95,42 +105,162 @@ class ModelKey:
         return self.key[:16]
 
 
-def model_key(method: str, method_config: MethodConfig, data: DataSpec, categories: list[str]) -> ModelKey:
+@functools.lru_cache(maxsize=64)
+def dataset_manifest(root: str) -> str:
+    """sha256 of (relative path, size, modification time) of every file under ``root``:
+    a dataset whose files change gets new keys, without reading the images."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics shape a trained model."""
+    return {name: importlib.metadata.version(name) for name in ("torch", "diffusers")}
+
+
+def model_key(method: str, method_config: MethodConfig, data: DataSpec, categories: list[str], workers: int = 1) -> ModelKey:
+    """The key of the model trained from these inputs. ``workers`` (DDP ranks) is part of
+    it: each rank draws its own synthetic anomalies and augmentations."""
+    training = training_fields(method_config)
+    root = data.resolved_root()
     inputs = {
         "method": method,
-        "training_config": training_fields(method_config),
+        "training_config": training,
         "dataset": data.dataset,
-        "root": str(Path(data.root).resolve()) if data.root else None,
+        "root": str(root),
+        "dataset_manifest": dataset_manifest(str(root)),
         "categories": list(categories),
         "val_fraction": data.val_fraction,
         "seed": data.seed,
         "foreground": data.foreground,
         "textures": str(Path(data.textures).resolve()) if data.textures else None,
+        "textures_manifest": dataset_manifest(str(Path(data.textures).resolve())) if data.textures else None,
+        "workers": workers,
         "code_version": code_version(method, data.dataset),
+        "packages": package_versions(),
+        # A backbone the training uses: which weight file (name, size) it was read from.
+        "backbone_file": backbone_file_identity(training["backbone"]) if "backbone" in training else None,
     }
     return ModelKey(config_fingerprint(inputs), inputs)
 
 
+def backbone_file_identity(name: str) -> str:
+    from orchestrator.pretrained import backbone_file
+
+    try:
+        path = backbone_file(name)
+    except Exception as exc:  # noqa: BLE001 - a missing file fails the training later, with its own message
+        return f"{name}: unavailable ({type(exc).__name__})"
+    return f"{name}: {path.name} {path.stat().st_size}"
+
+
+SCHEMA = 2  # the store's layout; a store written by another schema is refused with a clear error
+
+
 class ModelStore:
+    """``<storage_path>/models/<key>/versions/<version>/{model.pt, meta.json}`` and a
+    ``<key>/current`` file naming the version readers load. A training publishes a new
+    version (atomically) and then moves ``current`` (one atomic rename), so a reader
+    always loads a complete model and ``retrain=true`` replaces what later trials load.
+    Versions no pointer names are removed by ``python -m orchestrator.store prune``."""
+
     def __init__(self, storage_path: str | Path):
         self.root = Path(storage_path).resolve() / "models"
 
-    def path(self, key: ModelKey) -> Path:
+    def check_schema(self) -> None:
+        marker = self.root / "SCHEMA"
+        if marker.is_file() and marker.read_text().strip() != str(SCHEMA):
+            raise ConfigError(f"model store {self.root} has schema {marker.read_text().strip()}, this code reads {SCHEMA}; "
+                              "use another storage_path or run `python -m orchestrator.store prune` from the matching version")
+        if not marker.is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_text(marker, f"{SCHEMA}\n")
+
+    def folder(self, key: ModelKey) -> Path:
         return self.root / key.key
 
+    def current(self, key: ModelKey) -> Path | None:
+        """The version folder readers load, or None when the key was never published."""
+        try:
+            version = (self.folder(key) / "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+        path = self.folder(key) / "versions" / version
+        return path if (path / "meta.json").is_file() else None
+
     def exists(self, key: ModelKey) -> bool:
-        return (self.path(key) / "meta.json").exists()
+        return self.current(key) is not None
 
     def save(self, key: ModelKey, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+        """Publish a new version of ``key`` and make it current."""
+        self.check_schema()
+        version = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        target = self.folder(key) / "versions" / version
+
         def fill(folder: Path) -> None:
             torch.save(state_dict, folder / "model.pt")
-            (folder / "meta.json").write_text(json.dumps({**meta, "key": key.key, "inputs": key.inputs}, indent=2, default=str))
+            (folder / "meta.json").write_text(json.dumps({**meta, "key": key.key, "version": version, "inputs": key.inputs},
+                                                         indent=2, default=str))
 
-        # A key published meanwhile by another trainer is kept (same training inputs).
-        publish_folder(self.path(key), fill, is_complete=lambda f: (f / "meta.json").exists())
-        return self.path(key)
+        publish_folder(target, fill, is_complete=lambda f: (f / "meta.json").exists())
+        write_text(self.folder(key) / "current", version + "\n")
+        return target
+
+    def meta(self, key: ModelKey) -> dict[str, Any]:
+        """meta.json of the current version ({} when none)."""
+        path = self.current(key)
+        return json.loads((path / "meta.json").read_text()) if path is not None else {}
 
     def load(self, key: ModelKey) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        path = self.path(key)
+        path = self.current(key)
+        if path is None:
+            raise FileNotFoundError(f"no model {key.short} in {self.root}")
         meta = json.loads((path / "meta.json").read_text())
         return torch.load(path / "model.pt", map_location="cpu", weights_only=True), meta
+
+    def prune(self, min_age_s: float = 3600.0) -> list[Path]:
+        """Remove every version no ``current`` pointer names and that is older than
+        ``min_age_s`` (a reader that read the pointer just before a retraining moved it
+        still finds its version); returns what was removed."""
+        removed = []
+        for key_folder in sorted(p for p in self.root.glob("*") if (p / "versions").is_dir()):
+            current = (key_folder / "current").read_text().strip() if (key_folder / "current").is_file() else None
+            for version in (key_folder / "versions").iterdir():
+                if version.name != current and time.time() - version.stat().st_mtime > min_age_s:
+                    shutil.rmtree(version, ignore_errors=True)
+                    removed.append(version)
+        return removed
+
+
+def prune(storage_path: str | Path, min_age_s: float = 3600.0) -> list[Path]:
+    """Unreferenced model versions, and the Ray Train folders (checkpoints) of every model
+    that is published: what ``python -m orchestrator.store prune`` removes."""
+    store = ModelStore(storage_path)
+    removed = store.prune(min_age_s)
+    published = {p.name[:16] for p in store.root.glob("*") if (p / "current").is_file()}
+    for run in sorted(Path(storage_path).resolve().joinpath("train").glob("train-*")):
+        if run.name.split("-")[1] in published and time.time() - run.stat().st_mtime > min_age_s:
+            shutil.rmtree(run, ignore_errors=True)
+            removed.append(run)
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m orchestrator.store prune storage_path=<folder> [min_age_s=3600]"""
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv)[1:] if "=" in a)
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    if command != ["prune"] or set(args) - {"storage_path", "min_age_s"}:
+        print("usage: python -m orchestrator.store prune storage_path=<folder> [min_age_s=3600]", file=sys.stderr)
+        return 2
+    removed = prune(args.get("storage_path", "ray_results"), float(args.get("min_age_s", 3600)))
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} folder(s) removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 from orchestrator import search_space as spaces
 from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, settings_keys
 from orchestrator.errors import ConfigError, UserError
+from orchestrator.leases import Lease
 from orchestrator.plan import SweepPlan, plan
 
 log = logging.getLogger("orchestrator.sweep")
@@ -82,7 +85,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
     prepare_data(sweep)
 
     # Ray and MLflow are imported only now: a bad command line fails in a second.
-    from orchestrator import ray_backend, report, tracking
+    from orchestrator import ray_backend
 
     s = sweep.settings
     storage = Path(s.storage_path).resolve()
@@ -93,37 +96,64 @@ def run(tokens: list[str]) -> dict[str, Any]:
         raise ConfigError(f"resume=true but no restorable sweep {prefix}-* under {sweeps_root}; run without resume=true")
     sweep_name = resume_dir.name if resume_dir else f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    # 3. the parent run
+    # The sweep's lease says its driver is alive (a second driver of the same sweep is
+    # refused); runs of sweeps on this storage whose lease expired (SIGKILL) are closed.
+    leases = storage / "leases"
+    lease = Lease(leases, f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
+    if not lease.acquire():
+        holder = lease.read()
+        raise ConfigError(f"sweep {sweep_name} is running (driver {holder.host if holder else '?'} pid {holder.pid if holder else '?'}); "
+                          "wait for it or stop it first")
+    lease.hold()
+    try:
+        return run_sweep(sweep, tokens, storage, sweeps_root, sweep_name, resume_dir is not None)
+    finally:
+        lease.release()
+
+
+def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: Path, sweep_name: str, resume: bool) -> dict[str, Any]:
+    from orchestrator import ray_backend, report, tracking
+
+    s = sweep.settings
+    # Ray: a trial the cluster can never hold stops the sweep here, before MLflow is written
+    ray_backend.connect()
+    ray_backend.check_resources(s.trial.cpus, s.trial.gpus, s.trial.workers, s.autoscaling)
+    # 3. the parent run (after closing the runs of dead sweeps on this storage)
     uri = tracking.resolve_uri(s.tracking_uri)
+    for name in tracking.close_dead_sweeps(uri, sweep.space.name, str(storage),
+                                           alive=lambda other: Lease(storage / "leases", f"sweep-{other}", "").alive()):
+        log.warning("sweep %s had died (its lease expired): its RUNNING runs are marked KILLED", name)
     parent = tracking.SweepRun(uri, sweep.space.name)
-    parent.open(sweep_name, sweep_tags(sweep, tracking.git_commit()),
+    parent.open(sweep_name, {**sweep_tags(sweep, tracking.git_commit()), "storage": str(storage)},
                 {**flatten({"settings": config_to_dict(s)}), "categories": ",".join(sweep.categories),
-                 "skipped_points": "; ".join(sweep.skipped) or "none"}, resume=resume_dir is not None)
-    parent.log_artifact(spaces.SPACES_DIR / f"{sweep.space.name}.yaml", "config")
+                 "skipped_points": "; ".join(sweep.skipped) or "none"}, resume=resume)
+    parent.log_artifact(sweep.space.source, "config")
     recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, functools.partial(trial_params, sweep),
                                       {"ablation": sweep.space.name, "dataset": s.dataset})
 
     # 4. Tune
-    context = ray_backend.TrialContext(plan=sweep, claims_actor=f"claims-{sweep_name}", storage_path=str(storage),
+    context = ray_backend.TrialContext(plan=sweep, sweep_name=sweep_name, storage_path=str(storage),
                                        artifact_dir=str(storage / "artifacts" / sweep_name))
-    outcomes = ray_backend.run_sweep(context, sweep_name, sweeps_root, recorder, resume=resume_dir is not None)
+    outcomes = ray_backend.run_sweep(context, sweep_name, sweeps_root, recorder, resume=resume)
 
-    # 5. summary: an interrupted sweep (Ctrl-C: Tune saved its state) is resumable
-    failed = [o for o in outcomes if o.error]
-    unfinished = [o for o in outcomes if not o.error and not o.finished]
+    # 5. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable
+    states = parent.trial_states()
+    failed = [o for o in outcomes if o.error or states.get(o.trial_id) == "failed"]
+    unfinished = [o for o in outcomes if o not in failed and states.get(o.trial_id) not in ("finished", "stopped")]
+    stopped = [o for o in outcomes if states.get(o.trial_id) == "stopped"]
     summary = {"sweep": sweep_name, "trials": len(outcomes), "failed": len(failed), "unfinished": len(unfinished),
-               "tracking_uri": uri, "reports": [], "parent_run_id": parent.run_id}
+               "stopped_early": len(stopped), "tracking_uri": uri, "reports": [], "parent_run_id": parent.run_id}
     if unfinished:
         parent.finish("KILLED")
         print(f"\nsweep {sweep_name} interrupted: {len(unfinished)} of {len(outcomes)} trials unfinished; "
               f"finish them with: python -m orchestrator.sweep {' '.join(t for t in tokens if not t.startswith('resume='))} resume=true")
         return summary
     parent.finish("FAILED" if failed else "FINISHED")
-    written = report.write_reports(sweep.space.name, uri, Path("reports")) + report.write_leaderboard(uri, Path("reports"))
+    written = report.write_reports(sweep.space, uri, Path("reports")) + report.write_leaderboard(uri, Path("reports"))
     for path in written:
         parent.log_artifact(path, "report")
     summary["reports"] = [str(p) for p in written]
-    print(f"\nsweep {sweep_name}: {len(outcomes)} trials, {len(failed)} failed")
+    print(f"\nsweep {sweep_name}: {len(outcomes)} trials, {len(failed)} failed, {len(stopped)} stopped early by the scheduler")
     for o in failed:
         print(f"  failed trial {o.path}: {o.error}")
     if written:

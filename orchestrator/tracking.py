@@ -5,16 +5,27 @@ child run per Tune trial, all written from the driver (the Tune callback in
 orchestrator/ray_backend.py forwards trial events to :class:`TrialRecorder`), so a local
 SQLite store never sees concurrent writers. The default store is
 ``sqlite:////<cwd>/mlflow.db`` (absolute: Tune and ``ray job submit`` change working
-directories). Reading: :func:`search_runs` and :func:`experiment_names` give the report
-its runs as pandas frames.
+directories). Parent and child runs carry system tags (``system.*``: Python, torch,
+CUDA, GPU, Ray and MLflow versions of the driver that recorded them); child runs log the
+dataset they ran on as an MLflow dataset input (name, digest, categories, split sizes).
+
+Reading: :func:`search_runs` and :func:`experiment_names` give the report its runs as
+pandas frames, :func:`sweep_experiment` finds a sweep by name, :func:`artifact_paths` and
+:func:`download_artifact` fetch a run's files. Links into the MLflow UI
+(:func:`experiment_url`, :func:`run_url`) open its training-runs view: MLflow 3's UI
+needs ``?workflowType=machine_learning`` for that, so every URL built here carries it.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -22,14 +33,102 @@ from typing import Any, Callable
 
 import mlflow
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from orchestrator.results import TrialResult, is_metric
 
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+# Where ``mlflow ui`` / ``mlflow server`` listen unless told otherwise.
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+# MLflow 3's UI opens an experiment on its GenAI view unless asked for the training runs.
+UI_QUERY = "workflowType=machine_learning"
+
+
+# ---------------------------------------------------------------------------- UI links
+
+
+def experiment_url(ui_url: str | None, experiment: str) -> str:
+    """The experiment's runs table in the MLflow UI at ``ui_url`` (default: ``mlflow ui``'s address)."""
+    return f"{(ui_url or DEFAULT_UI_URL).rstrip('/')}/#/experiments/{experiment}?{UI_QUERY}"
+
+
+def run_url(ui_url: str | None, experiment: str, run_id: str, artifact: str | None = None) -> str:
+    """A run's page in the MLflow UI; ``artifact``: its artifacts tab opened on that path
+    ("" for the tab itself)."""
+    tab = "" if artifact is None else "/artifacts" + (f"/{artifact.strip('/')}" if artifact.strip("/") else "")
+    return f"{(ui_url or DEFAULT_UI_URL).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}{tab}?{UI_QUERY}"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def review_hint(uri: str, experiment: str, run_id: str, ui_url: str | None = None) -> str:
+    """What a CLI prints at its end: how to start the UI and the link to the sweep's run."""
+    return f"review the runs: {ui_command(uri)}\n  then open {run_url(ui_url, experiment, run_id)}"
+
+
+# --------------------------------------------------------------------------- system tags
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@functools.lru_cache(maxsize=1)
+def system_tags() -> dict[str, str]:
+    """Versions and accelerator of this process's machine (the driver, which writes every
+    run). Versions come from package metadata: importing Ray here is not allowed."""
+    tags = {"system.python": platform.python_version(), "system.platform": platform.platform(),
+            "system.host": platform.node(), "system.recorded_by": "sweep driver"}
+    for package in ("torch", "ray", "mlflow"):
+        tags[f"system.{package}"] = _version(package)
+    try:
+        import torch
+
+        available = torch.cuda.is_available()
+        tags["system.cuda_available"] = str(available)
+        tags["system.cuda_version"] = str(torch.version.cuda or "none")
+        tags["system.gpu"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if available else "none"
+    except Exception as exc:  # a broken CUDA install must not stop the sweep from recording
+        tags["system.cuda_available"] = f"unknown ({type(exc).__name__})"
+    return tags
+
+
+# ------------------------------------------------------------------------ dataset inputs
+
+
+def dataset_description(name: str, root: str | None, split_sizes: dict[str, dict[str, int]], **details: Any) -> dict[str, Any]:
+    """What :class:`TrialRecorder` logs as each child run's dataset input: the dataset's
+    registry name, its root (None = the embedded data), per category the number of images
+    per split (e.g. ``{"washer": {"train": 80, "val": 40, "test": 60}}``) and any further
+    details that identify the data (seed, val_fraction, foreground)."""
+    return {"name": name, "root": root, "splits": split_sizes, **details}
+
+
+def dataset_input(description: dict[str, Any], categories: list[str]) -> DatasetInput:
+    """An MLflow dataset input for the categories one run evaluated: name, a digest of
+    everything that identifies the data, the root as its source, categories and split
+    sizes as its profile."""
+    splits = description.get("splits") or {}
+    details = {k: v for k, v in description.items() if k not in ("name", "root", "splits")}
+    profile = {"categories": categories,
+               "splits": {c: splits[c] for c in categories if c in splits} or "not recorded",
+               **details}
+    identity = json.dumps({"name": description["name"], "root": description.get("root"), **profile}, sort_keys=True, default=str)
+    name = description["name"] + (f"/{categories[0]}" if len(categories) == 1 else "")
+    root = description.get("root")
+    source = {"uri": str(root) if root else f"embedded {description['name']} dataset"}
+    dataset = Dataset(name=name, digest=hashlib.sha256(identity.encode()).hexdigest()[:16], source_type="local",
+                      source=json.dumps(source), profile=json.dumps(profile, default=str))
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train/val/test")])
 
 
 def resolve_uri(setting: str | None) -> str:
@@ -89,7 +188,8 @@ class SweepRun:
                 self.run_id = runs[0].info.run_id
                 self.client.update_run(self.run_id, status="RUNNING")
                 return self.run_id
-        run = self.client.create_run(self.experiment, run_name=sweep_name, tags={"sweep": sweep_name, "kind": "sweep", **tags})
+        run = self.client.create_run(self.experiment, run_name=sweep_name,
+                                     tags={"sweep": sweep_name, "kind": "sweep", **system_tags(), **tags})
         self.run_id = run.info.run_id
         log_params(self.client, self.run_id, params)
         return self.run_id
@@ -101,6 +201,39 @@ class SweepRun:
         """FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
 
+    def trial_states(self) -> dict[str, str]:
+        """trial_id -> finished | stopped (early, by the scheduler) | failed | unfinished,
+        for every child run of this sweep."""
+        runs = self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'", max_results=50000)
+        states = {}
+        for run in runs:
+            status, tags = run.info.status, run.data.tags
+            states[tags.get("trial_id", run.info.run_id)] = (
+                "failed" if status == "FAILED" else "unfinished" if status != "FINISHED"
+                else "stopped" if tags.get("stopped_early") == "true" else "finished")
+        return states
+
+
+def close_dead_sweeps(uri: str, experiment_name: str, storage: str, alive: Callable[[str], bool]) -> list[str]:
+    """Mark KILLED the RUNNING parent runs (and their RUNNING children) of sweeps on this
+    storage whose driver is gone (``alive(sweep_name)`` is False: its lease expired), so a
+    SIGKILLed sweep does not stay RUNNING forever; a live sweep's runs are never touched."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment_name)
+    if found is None:
+        return []
+    closed = []
+    parents = mlflow_client.search_runs([found.experiment_id], filter_string="tags.kind = 'sweep' and attributes.status = 'RUNNING'")
+    for parent in parents:
+        name = parent.data.tags.get("sweep", "")
+        if parent.data.tags.get("storage") != storage or alive(name):
+            continue
+        children = mlflow_client.search_runs([found.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and attributes.status = 'RUNNING'")
+        for run in [*children, parent]:
+            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(name)
+    return closed
+
 
 class TrialRecorder:
     """One child run per trial under the sweep's run (driver side; picklable, because
@@ -108,14 +241,18 @@ class TrialRecorder:
 
     ``trial_params(trial_config)`` gives a trial's params (its resolved config, flattened).
     Progress (validation and losses during training) is logged with its step; the final
-    :class:`TrialResult` adds test metrics, timings and the sample-map PNGs.
+    :class:`TrialResult` adds test metrics, timings and the sample-map PNGs. A new child
+    run gets the system tags and its dataset as an MLflow input: ``dataset`` (see
+    :func:`dataset_description`) adds split sizes; without it the input is built from the
+    trial's params and the parent's settings, split sizes "not recorded".
     """
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, trial_params: Callable[[dict[str, Any]], dict[str, Any]],
-                 tags: dict[str, str]):
+                 tags: dict[str, str], dataset: dict[str, Any] | None = None):
         self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
         self.trial_params = trial_params
         self.tags = tags
+        self.dataset = dataset
         self.runs: dict[str, str] = {}  # trial_id -> run_id
         self.client = client(uri)
 
@@ -136,11 +273,31 @@ class TrialRecorder:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(self.experiment, run_name=name, tags={PARENT_TAG: self.parent, "trial_id": trial_id, "kind": "trial", **self.tags})
+            run = self.client.create_run(self.experiment, run_name=name,
+                                         tags={PARENT_TAG: self.parent, "trial_id": trial_id, "kind": "trial", **system_tags(), **self.tags})
             run_id = run.info.run_id
-            log_params(self.client, run_id, self.trial_params(trial_config))
+            params = self.trial_params(trial_config)
+            log_params(self.client, run_id, params)
+            self._log_dataset(run_id, params)
         self.runs[trial_id] = run_id
         return run_id
+
+    def _log_dataset(self, run_id: str, params: dict[str, Any]) -> None:
+        """The run's dataset as an MLflow input (best effort: never fails a trial)."""
+        try:
+            description = getattr(self, "dataset", None) or self._dataset_from_parent(params)
+            categories = [c for c in str(params.get("categories", "")).split(",") if c]
+            self.client.log_inputs(run_id, datasets=[dataset_input(description, categories)])
+        except Exception as exc:
+            log.warning("could not log the dataset input of run %s: %s", run_id, exc)
+
+    def _dataset_from_parent(self, params: dict[str, Any]) -> dict[str, Any]:
+        settings = self.client.get_run(self.parent).data.params
+        root = settings.get("settings.data.root")
+        return dataset_description(str(params.get("dataset", settings.get("settings.dataset", "unknown"))),
+                                   None if root in (None, "None") else root, {},
+                                   seed=settings.get("settings.seed"), val_fraction=settings.get("settings.data.val_fraction"),
+                                   foreground=settings.get("settings.data.foreground"))
 
     def log(self, run_id: str, reported: dict[str, Any], step: int) -> None:
         """A Tune result: the progress numbers, or a finished trial's whole :class:`TrialResult`."""
@@ -155,9 +312,11 @@ class TrialRecorder:
                 if Path(path).exists():
                     self.client.log_artifact(run_id, path, artifact_path="anomaly_maps")
 
-    def finish(self, run_id: str, ok: bool, error: str = "") -> None:
+    def finish(self, run_id: str, ok: bool, error: str = "", stopped_early: bool = False) -> None:
         if error:
             self.client.set_tag(run_id, "error", error[:4000])
+        if stopped_early:
+            self.client.set_tag(run_id, "stopped_early", "true")
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 
 
@@ -168,9 +327,53 @@ def experiment_names(uri: str) -> set[str]:
     return {e.name for e in client(uri).search_experiments()}
 
 
+def experiment_ids(uri: str) -> dict[str, str]:
+    """Experiment name -> id (for links into the UI)."""
+    return {e.name: e.experiment_id for e in client(uri).search_experiments()}
+
+
 def search_runs(uri: str, experiment_name: str) -> pd.DataFrame:
     """Every run of an experiment (columns ``metrics.*``, ``params.*``, ``tags.*``), empty if none."""
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment_name) is None:
         return pd.DataFrame()
     return mlflow.search_runs(experiment_names=[experiment_name], max_results=50000)
+
+
+def sweep_experiment(uri: str, sweep_name: str) -> str | None:
+    """The experiment (= ablation) name holding the parent run of sweep ``sweep_name``."""
+    mlflow_client = client(uri)
+    experiments = {e.experiment_id: e.name for e in mlflow_client.search_experiments()}
+    if not experiments:
+        return None
+    quoted = sweep_name.replace("'", "\\'")
+    runs = mlflow_client.search_runs(list(experiments), filter_string=f"tags.sweep = '{quoted}' and tags.kind = 'sweep'", max_results=1)
+    return experiments[runs[0].info.experiment_id] if runs else None
+
+
+def sweep_names(uri: str) -> list[str]:
+    """Every sweep (parent run) name in the store, newest first."""
+    mlflow_client = client(uri)
+    ids = [e.experiment_id for e in mlflow_client.search_experiments()]
+    if not ids:
+        return []
+    runs = mlflow_client.search_runs(ids, filter_string="tags.kind = 'sweep'", order_by=["attributes.start_time DESC"], max_results=1000)
+    return [r.data.tags.get("sweep", r.info.run_name) for r in runs]
+
+
+def artifact_paths(uri: str, run_id: str, folder: str) -> list[str]:
+    """The files directly under ``folder`` among a run's artifacts (sorted)."""
+    return sorted(a.path for a in client(uri).list_artifacts(run_id, folder) if not a.is_dir)
+
+
+def download_artifact(uri: str, run_id: str, path: str, destination: Path) -> Path:
+    """Copy one artifact file of a run to ``destination`` (a file path); returns it."""
+    import tempfile
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar per image
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent) as tmp:
+        local = client(uri).download_artifacts(run_id, path, tmp)
+        os.replace(local, destination)
+    return destination

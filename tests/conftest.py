@@ -21,3 +21,31 @@ def ray_shutdown():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, cache_dir):
+    """ONE tiny real sweep, run in-process once per session and shared by every test that
+    needs a real MLflow store (report site, browser tests): TransFusion's final-mask grid
+    (inference-only: 4 trials, one training) on the synthetic washer category, 1 epoch,
+    5 steps. Its working directory holds what the sweep wrote at its end (reports/)."""
+    from types import SimpleNamespace
+
+    from orchestrator import sweep
+
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    db = root / "mlflow.db"
+    previous = os.getcwd()
+    os.chdir(root)
+    try:
+        summary = sweep.run(["ablation=transfusion_final_mask", "categories=[washer]", f"tracking_uri=sqlite:///{db}",
+                             f"storage_path={root / 'ray'}", f"data.cache_dir={cache_dir}", "method.epochs=1", "method.steps=5",
+                             "max_concurrent=2", "latency_images=1", "sample_maps=2"])
+    finally:
+        os.chdir(previous)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    assert summary["failed"] == 0 and summary["trials"] == 4, summary
+    return SimpleNamespace(root=root, db=db, uri=f"sqlite:///{db}", summary=summary, ablation="transfusion_final_mask")

@@ -71,3 +71,17 @@ def test_trial_result_metrics_and_round_trip():
 
 def test_metric_names_have_one_definition():
     assert SPACE_METRICS == VALIDATION_METRICS == ("val_image_auroc", "val_pixel_auroc", "val_aupro", "val_pixel_ap")
+
+
+@pytest.mark.slow
+def test_a_trial_larger_than_the_cluster_stops_before_mlflow(tmp_path, cache_dir, capsys, ray_shutdown):
+    """On the embedded (fixed-size) Ray, trial.gpus=1 on a CPU machine is one error line,
+    exit 2, before the parent run exists (it used to wait forever)."""
+    from orchestrator import sweep
+
+    db = tmp_path / "mlflow.db"
+    code = sweep.main(["ablation=transfusion_steps", "trial.gpus=1", f"tracking_uri=sqlite:///{db}",
+                       f"storage_path={tmp_path / 'ray'}", f"data.cache_dir={cache_dir}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # Ray logs to stderr too
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: a trial needs 1 worker(s) of 1 CPU and 1 GPU"), errors
+    assert not db.exists()

@@ -71,9 +71,9 @@ def test_store_publishes_whole_models(tmp_path):
     store.save(key, {"w": torch.ones(2)}, {"epochs": 1})
     state, meta = store.load(key)
     assert torch.equal(state["w"], torch.ones(2)) and meta["key"] == key.key and meta["inputs"]["method"] == "transfusion"
-    store.save(key, {"w": torch.zeros(2)}, {"epochs": 1})  # a second publisher keeps the first complete copy
-    assert torch.equal(store.load(key)[0]["w"], torch.ones(2))
-    assert [p.name for p in Path(store.root).iterdir()] == [key.key]  # no temporary folder left behind
+    versions = Path(store.folder(key)) / "versions"
+    assert [p.name for p in versions.iterdir()] == [meta["version"]]  # no temporary folder left behind
+    assert sorted(p.name for p in store.folder(key).iterdir()) == ["current", "versions"]
 
 
 def test_publish_folder_replaces_an_incomplete_one(tmp_path):
@@ -82,3 +82,28 @@ def test_publish_folder_replaces_an_incomplete_one(tmp_path):
     (target / "partial").write_text("crash")
     assert publish_folder(target, lambda f: (f / "done").write_text("ok"), is_complete=lambda f: (f / "done").exists())
     assert sorted(p.name for p in target.iterdir()) == ["done"]
+
+
+def test_model_key_covers_every_training_input(tmp_path, monkeypatch):
+    """DDP world size, the libraries' versions, the dataset's files, the backbone's weight file."""
+    from orchestrator import store
+
+    root = tmp_path / "data"
+    (root / "bottle" / "train" / "good").mkdir(parents=True)
+    image = root / "bottle" / "train" / "good" / "000.png"
+    image.write_bytes(b"one")
+    config = resolve_method_config("transfusion", "smoke")
+    data = DataSpec("mvtec_ad", str(root), str(tmp_path / "cache"), 0.2, 0)
+    key = model_key("transfusion", config, data, ["bottle"]).key
+    assert model_key("transfusion", config, data, ["bottle"], workers=2).key != key
+    image.write_bytes(b"changed")  # same name, other size: another dataset
+    store.dataset_manifest.cache_clear()
+    changed = model_key("transfusion", config, data, ["bottle"]).key
+    assert changed != key
+    monkeypatch.setattr(store, "package_versions", lambda: {"torch": "0.0", "diffusers": "0.0"})
+    assert model_key("transfusion", config, data, ["bottle"]).key != changed
+    drdc = resolve_method_config("drdc", "smoke")  # its backbone is a training input
+    with_backbone = model_key("drdc", drdc, data, ["bottle"])
+    assert with_backbone.inputs["backbone_file"].startswith(f"{drdc.backbone}: ")
+    monkeypatch.setattr(store, "backbone_file_identity", lambda name: f"{name}: another file")
+    assert model_key("drdc", drdc, data, ["bottle"]).key != with_backbone.key

@@ -47,6 +47,10 @@ class DataSpec:
     def categories(self) -> list[str]:
         return list_categories(self.dataset, self.root, self.cache_dir)
 
+    def resolved_root(self) -> Path:
+        """The dataset folder read (``root``, or the dataset's default; absolute)."""
+        return get_adapter(self.dataset).resolve_root(self.root, self.cache_dir).resolve()
+
     def load(self, category: str, preprocess: Preprocess) -> CategoryData:
         return load_category(self.dataset, category, preprocess, root=self.root, cache_dir=self.cache_dir, val_fraction=self.val_fraction,
                              seed=self.seed, foreground=self.foreground, textures=self.textures, require_test_classes=True)

@@ -138,13 +138,17 @@ class DecodedCategory:
 def decode_category(files: CategoryFiles, preprocess: Preprocess, label: str) -> DecodedCategory:
     """Decode and preprocess every file of a category (the only image decoding)."""
     size = preprocess.output_size
-    train = [load_image(path, preprocess)[0] for path in tqdm(files.train, desc=f"decode {label} train", leave=False)]
+    # The bars are closed (cleared) before an error propagates, so a corrupt file's
+    # "error: ..." line starts its own line.
+    with tqdm(files.train, desc=f"decode {label} train", leave=False) as bar:
+        train = [load_image(path, preprocess)[0] for path in bar]
     test_images, test_masks = [], []
-    for item in tqdm(files.test, desc=f"decode {label} test", leave=False):
-        image, original = load_image(item.image, preprocess)
-        test_images.append(image)
-        # Good images have no mask file: their mask is all zeros.
-        test_masks.append(np.zeros((size, size), np.uint8) if item.mask is None else load_mask(item.mask, preprocess, original, item.image))
+    with tqdm(files.test, desc=f"decode {label} test", leave=False) as bar:
+        for item in bar:
+            image, original = load_image(item.image, preprocess)
+            test_images.append(image)
+            # Good images have no mask file: their mask is all zeros.
+            test_masks.append(np.zeros((size, size), np.uint8) if item.mask is None else load_mask(item.mask, preprocess, original, item.image))
     return DecodedCategory(
         train_images=np.stack(train),
         test_images=np.stack(test_images),

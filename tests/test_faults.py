@@ -1,0 +1,180 @@
+"""Fault injection with real processes (no mocks): killed Train workers, stopped drivers,
+two sweeps sharing one model store. Long: run by `make test-long`.
+
+Every scenario ends in finished MLflow runs, each trial exactly once, and the model
+trained once.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]
+
+
+def sweep_args(tmp_path, cache_dir, *extra, storage=None):
+    return [f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"storage_path={storage or tmp_path / 'ray'}", f"data.cache_dir={cache_dir}",
+            "method.steps=5", "latency_images=1", "sample_maps=1", *extra]
+
+
+def start_sweep(tmp_path, args, env=None):
+    env = dict(env or os.environ)
+    if "RAY_ADDRESS" not in (env or {}):
+        env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def runs(tmp_path, ablation) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        return mlflow.search_runs(experiment_names=[ablation])
+    except Exception:  # the store is still being created
+        return pd.DataFrame()
+
+
+def wait_for(predicate, proc, seconds, what):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"the sweep ended before {what}:\n{proc.stdout.read()[-3000:]}"
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def children(tmp_path, ablation) -> pd.DataFrame:
+    frame = runs(tmp_path, ablation)
+    return frame[frame["tags.kind"] == "trial"] if "tags.kind" in frame else frame
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, cache_dir):
+    """SIGKILL the Ray Train worker mid-training: Train restarts it from the last
+    checkpoint (one every second here), the trial finishes once, the model is trained once."""
+    args = ["ablation=transfusion_final_mask", "max_concurrent=1"] + sweep_args(tmp_path, cache_dir, "method.epochs=8", "checkpoint_every_s=1")
+    proc = start_sweep(tmp_path, args)
+    try:
+        wait_for(lambda: any((tmp_path / "ray" / "train").glob("train-*/checkpoint_*")), proc, 600, "a checkpoint")
+        time.sleep(1)
+        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        assert workers, "no Ray Train worker process found"
+        for pid in workers:
+            os.kill(int(pid), signal.SIGKILL)
+        output = proc.communicate(timeout=900)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 0, output[-3000:]
+    trials = children(tmp_path, "transfusion_final_mask")
+    assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+    assert trials["metrics.models_trained"].sum() == 1
+    metas = list((tmp_path / "ray" / "models").glob("*/versions/*/meta.json"))
+    assert len(metas) == 1
+    import json
+
+    assert json.loads(metas[0].read_text())["resumed_after_epoch"] > 0  # continued, not restarted
+
+
+def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path, cache_dir):
+    args = ["ablation=transfusion_final_mask", "max_concurrent=1"] + sweep_args(tmp_path, cache_dir, "method.epochs=1")
+    proc = start_sweep(tmp_path, args)
+    try:
+        wait_for(lambda: (children(tmp_path, "transfusion_final_mask").get("status", pd.Series(dtype=str)) == "FINISHED").any(),
+                 proc, 600, "a finished trial")
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert "resume=true" in output, output[-3000:]
+    frame = runs(tmp_path, "transfusion_final_mask")
+    assert (frame[frame["tags.kind"] == "sweep"]["status"] == "KILLED").all()
+    finished_before = children(tmp_path, "transfusion_final_mask")
+    finished_before = finished_before[finished_before["status"] == "FINISHED"]
+
+    resumed = start_sweep(tmp_path, args + ["resume=true"])
+    output = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    frame = runs(tmp_path, "transfusion_final_mask")
+    parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
+    assert len(parents) == 1 and (parents["status"] == "FINISHED").all()
+    assert len(trials) == 4 and (trials["status"] == "FINISHED").all() and trials["metrics.models_trained"].sum() == 1
+    for run_id, end_time in zip(finished_before["run_id"], finished_before["end_time"]):  # not run again
+        assert trials.set_index("run_id").at[run_id, "end_time"] == end_time
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A `ray start --head` on loopback that both sweeps join."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    temp = Path("/tmp") / f"rayfaults{os.getpid()}"  # Ray's socket paths must stay short
+    started = subprocess.run([ray, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                              "--dashboard-port=8297", "--port=6397", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        yield dict(env, RAY_ADDRESS="127.0.0.1:6397")
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_two_sweeps_sharing_a_store_train_the_model_once(tmp_path, cache_dir, ray_head):
+    """Two ablations whose trials need the same default model, started at once on one
+    cluster and one storage: the model's lease lets one train it; the other waits and loads it."""
+    # One MLflow store each: two drivers writing one SQLite file lock each other (a server is the cluster answer).
+    (tmp_path / "lam").mkdir()
+    (tmp_path / "final").mkdir()
+    lam = start_sweep(tmp_path, ["ablation=transfusion_lambda", "num_samples=2", "max_concurrent=1",
+                                 *sweep_args(tmp_path / "lam", cache_dir, "method.epochs=2", storage=tmp_path / "ray")], env=ray_head)
+    final = start_sweep(tmp_path, ["ablation=transfusion_final_mask", "max_concurrent=1",
+                                   *sweep_args(tmp_path / "final", cache_dir, "method.epochs=2", storage=tmp_path / "ray")], env=ray_head)
+    outputs = [p.communicate(timeout=1200)[0] for p in (lam, final)]
+    assert lam.returncode == 0 and final.returncode == 0, [o[-2000:] for o in outputs]
+    trained = children(tmp_path / "lam", "transfusion_lambda")["metrics.models_trained"].sum() + \
+        children(tmp_path / "final", "transfusion_final_mask")["metrics.models_trained"].sum()
+    assert trained == 1
+    assert len(list((tmp_path / "ray" / "models").glob("*/versions/*"))) == 1
+
+
+def test_asha_stopped_trials_are_finished_trials(tmp_path, cache_dir, ray_shutdown, monkeypatch):
+    """A small ASHA space (given as a path): trials ASHA stops early end FINISHED with the
+    tag stopped_early, the sweep is complete (no 'unfinished', exit 0) and reported."""
+    from orchestrator import sweep
+
+    space = tmp_path / "transfusion_asha.yaml"
+    space.write_text("""
+description: "ASHA over TransFusion's learning rate (test)"
+method: transfusion
+dataset: synthetic
+categories: [washer]
+scale: smoke
+axes:
+  learning_rate: {loguniform: [1.0e-6, 1.0e-2]}
+search: optuna
+num_samples: 4
+points_to_evaluate: [{learning_rate: 1.0e-3}]
+metric: val_image_auroc
+mode: max
+asha: {grace_period: 1, max_t: 3, reduction_factor: 2}
+trial: {cpus: 1, gpus: 0, workers: 1}
+""")
+    monkeypatch.chdir(tmp_path)
+    summary = sweep.run([f"ablation={space}", "max_concurrent=1", "eval_every=1", "eval_batch_size=32"]
+                        + sweep_args(tmp_path, cache_dir, "method.epochs=3"))
+    assert summary["trials"] == 4 and summary["failed"] == 0 and summary["unfinished"] == 0, summary
+    frame = runs(tmp_path, "transfusion_asha")
+    parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
+    assert (parents["status"] == "FINISHED").all() and (trials["status"] == "FINISHED").all()
+    stopped = trials["tags.stopped_early"].eq("true") if "tags.stopped_early" in trials else pd.Series(False, index=trials.index)
+    assert stopped.sum() == summary["stopped_early"]
+    assert trials.loc[~stopped, "metrics.test_image_auroc"].notna().all()  # completed trials have their test result
+    assert trials["metrics.train_loss"].notna().all()  # the loss is logged every epoch
