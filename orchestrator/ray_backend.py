@@ -418,8 +418,9 @@ def run_sweep(context: TrialContext, sweep_name: str, sweeps_root: Path, recorde
                                         scheduler=ASHAScheduler(time_attr="epoch", stop_last_trials=False, **space.asha) if space.asha else None,
                                         num_samples=s.num_samples or space.num_samples, max_concurrent_trials=s.max_concurrent,
                                         # one trial-driver process serves trial after trial instead of
-                                        # each paying a fresh process's imports (torch, diffusers, Ray Train)
-                                        reuse_actors=True),
+                                        # each paying a fresh process's imports (torch, diffusers, Ray Train);
+                                        # not with ASHA: the trial after an early-stopped one never started
+                                        reuse_actors=not space.asha),
             run_config=tune.RunConfig(name=sweep_name, storage_path=str(sweeps_root),
                                       failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                       callbacks=[MLflowCallback(recorder)]),
