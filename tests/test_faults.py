@@ -17,7 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.long]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(1500)]  # a hang fails, never blocks CI
 
 
 def sweep_args(tmp_path, cache_dir, *extra, storage=None):
