@@ -188,6 +188,9 @@ def check_resume(space: spaces.SearchSpace, settings: Settings) -> None:
 def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
     """Everything a sweep will run, checked before anything starts."""
     space = spaces.load(values["ablation"])
+    if space.is_benchmark:  # reports and leaderboards read them; sweeping several methods at once is not built yet
+        raise ConfigError(f"{space.name} compares several methods, and a sweep runs one method so far; "
+                          f"run each method's own ablation on {space.dataset} instead (e.g. ablation={space.methods[0]}_steps dataset={space.dataset})")
     settings = settings_for(space, values)
     scale = settings.scale or space.scale
     check_resume(space, settings)

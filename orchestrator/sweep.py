@@ -158,7 +158,7 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: P
         print(f"  failed trial {o.path}: {o.error}")
     if written:
         print(f"report: {written[0]}")
-    print(f"review the runs: mlflow ui --backend-store-uri {uri}")
+    print(tracking.review_hint(uri, parent.experiment, parent.run_id))
     return summary
 
 
