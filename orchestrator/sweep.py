@@ -158,6 +158,9 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: P
         print(f"  failed trial {o.path}: {o.error}")
     if written:
         print(f"report: {written[0]}")
+    site = Path("reports") / "site" / "index.html"
+    if site.exists():
+        print(f"report site: {site.resolve()}")
     print(tracking.review_hint(uri, parent.experiment, parent.run_id))
     return summary
 
