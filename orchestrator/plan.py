@@ -176,11 +176,16 @@ def check_tracking_uri(uri: str | None) -> None:
             raise ConfigError(f"tracking_uri {uri}: folder {Path(database).resolve().parent} does not exist; create it or fix tracking_uri")
 
 
+def sweep_prefix(ablation: str, dataset: str) -> str:
+    """Sweep folders and names start with this; ``resume=true`` restores the latest."""
+    return f"{ablation}-{dataset}"
+
+
 def check_resume(space: spaces.SearchSpace, settings: Settings) -> None:
     """``resume=true`` needs an earlier sweep of this ablation and dataset under storage_path
     (the sweep checks that Tune can restore it, once Ray is imported)."""
     sweeps_root = Path(settings.storage_path).resolve() / "sweeps"
-    prefix = f"{space.name}-{settings.dataset}"
+    prefix = sweep_prefix(space.name, settings.dataset)
     if settings.resume and not any(p.is_dir() for p in sweeps_root.glob(f"{prefix}-*")):
         raise ConfigError(f"resume=true but no sweep {prefix}-* under {sweeps_root} to restore; run without resume=true")
 

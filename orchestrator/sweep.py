@@ -27,7 +27,7 @@ from orchestrator import search_space as spaces
 from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, settings_keys
 from orchestrator.errors import ConfigError, UserError
 from orchestrator.leases import Lease
-from orchestrator.plan import SweepPlan, plan
+from orchestrator.plan import SweepPlan, plan, sweep_prefix
 
 log = logging.getLogger("orchestrator.sweep")
 
@@ -90,7 +90,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
     s = sweep.settings
     storage = Path(s.storage_path).resolve()
     sweeps_root = storage / "sweeps"
-    prefix = f"{sweep.space.name}-{s.dataset}"
+    prefix = sweep_prefix(sweep.space.name, s.dataset)
     resume_dir = ray_backend.latest_sweep(sweeps_root, prefix) if s.resume else None
     if s.resume and resume_dir is None:
         raise ConfigError(f"resume=true but no restorable sweep {prefix}-* under {sweeps_root}; run without resume=true")
