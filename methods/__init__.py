@@ -1,4 +1,5 @@
-"""The four methods behind one interface (see methods/base.py).
+"""The four diffusion methods and the training-free PatchCore reference behind one
+interface (see methods/base.py).
 
 ``METHODS`` maps a method name (the ``method=`` config key, the MLflow param and the
 report column) to ``module:Class``; modules are imported on first use so that a user
@@ -14,6 +15,7 @@ METHODS: dict[str, str] = {
     "diffusionad": "methods.diffusionad:DiffusionAD",
     "mdps": "methods.mdps:MDPS",
     "drdc": "methods.drdc:DRDC",
+    "patchcore": "methods.patchcore:PatchCore",  # training-free reference (the floor to beat)
 }
 
 

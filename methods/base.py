@@ -16,10 +16,22 @@ A method is an ``nn.Module`` subclass of :class:`AnomalyMethod` with
   gradient hooks fire when the orchestrator wraps the module).
 * ``predict(images, category, generator) -> Prediction``: a template (eval mode, no
   grad, one generator rule) around the method's own :meth:`AnomalyMethod.infer`.
+* ``calibrate(normal_images, category)`` (optional; default: nothing): statistics an
+  inference setting needs from normal images (MDPS: η of Eq. 18, the min/max of Eq. 20).
+  The orchestrator calls it at evaluation time, after training or loading, once per
+  category with that category's held-out *validation* normal images (never test
+  images), before any ``predict`` on that category. What it computes goes into buffers
+  (``register_buffer``, non-persistent: evaluation state, not trained weights), so it
+  follows the model across devices; a multi-category model indexes them by ``category``.
 * ``configure_optimizers() -> Optimizers | None``: the paper's optimiser and LR
   schedule, or ``None`` for a method with nothing to train by gradient descent. Then the
   training loop runs ``forward`` without gradients over the training data (to fill a
   memory bank, say), builds no optimiser and wraps nothing in DDP.
+* ``training_synthesis``: the names of the anomaly generators the method trains on
+  (e.g. ``("perlin_texture", "perlin_shuffled_patches")`` for methods/anomaly_synthesis.py),
+  ``()`` for a method that never sees a synthetic anomaly. The validation split's defects
+  (orchestrator/data/validation_defects.py) must be none of these, or validation would
+  only measure whether a model finds its own augmentation (tests/test_validation_defects.py).
 
 Methods are pure PyTorch: no Ray, MLflow, orchestrator or file I/O. Things that need
 files (pretrained backbone weights) are injected through ``backbone_factory``.
@@ -178,7 +190,8 @@ class Prediction(NamedTuple):
 
 class Optimizers(NamedTuple):
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped once per epoch
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped once per epoch, or per batch:
+    scheduler_per_batch: bool = False  # True: step after every optimizer step (e.g. DiffusionAD's official cosine)
 
 
 BackboneFactory = Callable[[str], nn.Module]
@@ -192,6 +205,8 @@ class AnomalyMethod(nn.Module, abc.ABC):
     # True for methods that train one model over the union of a dataset's categories
     # (the unified / multi-class setting), e.g. DRDC. Their Config is a MultiClassConfig.
     multi_class: ClassVar[bool] = False
+    # Names of the anomaly generators the method trains on (see the module docstring).
+    training_synthesis: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__()
@@ -216,6 +231,11 @@ class AnomalyMethod(nn.Module, abc.ABC):
         """The method's inference on images [B, 3, H, W] in [-1, 1]; called by
         :meth:`predict` in eval mode, without gradients, with a generator on the images'
         device that every random draw must use."""
+
+    def calibrate(self, normal_images: torch.Tensor, category: torch.Tensor | None) -> None:
+        """Inference statistics from held-out normal images [N, 3, H, W] in [-1, 1] of one
+        category (``category`` [N] long, or None); see the module docstring. Default:
+        nothing to calibrate."""
 
     def predict(
         self,

@@ -70,6 +70,16 @@ log = logging.getLogger(__name__)
 _MASK_RETRIES = 5
 
 
+class SegmentationSchedule(str, Enum):
+    """Learning-rate schedule of the segmentation network's optimiser. The paper (§V-A)
+    names none; the official train.py wraps the segmentation Adam in
+    CosineAnnealingLR(T_max=10, eta_min=0) stepped after every batch (the UNet's LR stays
+    constant), so its LR follows a cosine wave with a period of 2 T_max = 20 steps."""
+
+    COSINE = "cosine"  # lr_seg · (1 + cos(π s / T_max)) / 2 at optimiser step s (official code)
+    CONSTANT = "constant"  # lr_seg throughout
+
+
 class Paradigm(str, Enum):
     """How x̂_0 is obtained from x_0 (DiffusionAD Tables VII and VIII)."""
 
@@ -89,6 +99,10 @@ class DiffusionADConfig(MethodConfig):
     batch_size: int = train_field(16, "global batch: normal + synthetic samples (§V-A: 8 + 8)")
     learning_rate: float = train_field(1e-4, "Adam learning rate of the reconstruction UNet (§V-A)")
     segmentation_learning_rate: float = train_field(1e-5, "Adam learning rate of the segmentation network (official code)")
+    segmentation_schedule: SegmentationSchedule = train_field(
+        SegmentationSchedule.COSINE, "segmentation LR schedule: cosine (official code; the paper names none) | constant"
+    )
+    segmentation_cosine_steps: int = train_field(10, "T_max of the cosine schedule, in optimiser steps (official code: 10, stepped every batch)")
 
     # Diffusion process.
     num_timesteps: int = train_field(1000, "T, diffusion steps (§V-A)")
@@ -99,7 +113,8 @@ class DiffusionADConfig(MethodConfig):
     channel_mult: tuple[int, ...] = train_field((1, 1, 2, 2, 4, 4), "UNet width multiplier per level (official code)")
     layers_per_block: int = train_field(2, "UNet residual blocks per level")
     attention_resolutions: tuple[int, ...] = train_field((32, 16, 8), "UNet self-attention at these feature sizes in pixels (§V-A)")
-    head_channels: int = train_field(64, "width of each attention head (paper: 4 heads; 64 = 4 heads at 256 channels)")
+    num_heads: int | None = train_field(4, "attention heads per layer at every width (§V-A: 4; official num_heads=4, num_head_channels=-1); None = head_channels wide heads")
+    head_channels: int = train_field(64, "width of each attention head, used only when num_heads is None")
     norm_groups: int = train_field(32, "GroupNorm groups in the UNet")
     dropout: float = train_field(0.0, "UNet dropout (official code: 0)")
 
@@ -111,7 +126,11 @@ class DiffusionADConfig(MethodConfig):
     tau: int = train_field(300, "τ: training draws t_s ~ U[0, τ) and t_b ~ U[τ, T) (§IV-B, §V-A)")
     train_paradigm: Paradigm = train_field(Paradigm.NORM_GUIDED, "paradigm producing the segmentation input in training (Table VIII)")
     train_paradigm_steps: int = train_field(30, "k for a training paradigm iterative / ddim (Table VIII: 400 / 30)")
-    train_t_single: int = train_field(400, "noise scale the single-scale training paradigms start from (Table VIII: 400)")
+    train_t_single: int = train_field(
+        400,
+        "noise scale the single-scale training paradigms start from; Table VIII gives only step counts (One-step 1, DDIM 30, Iterative 400): "
+        "400 is our choice, the start of Iterative-400 (Table VII, Fig. 8) and the largest t at which one-step matches iterative (§IV-A, Fig. 4)",
+    )
     train_w: float = train_field(1.0, "guidance scale w of norm-guided training (official code: 1)")
     gamma: float = train_field(5.0, "γ, weight of the focal term in L_mask (Eq. 10, §V-A: 5)")
     focal_alpha: float = train_field(0.5, "focal loss α (official code: 0.5)")
@@ -127,7 +146,9 @@ class DiffusionADConfig(MethodConfig):
     t_s: int = infer_field(200, "small noise scale t_s of norm-guided inference (§IV-C: 200)")
     t_b: int = infer_field(400, "big noise scale t_b of norm-guided inference (§IV-C: 400)")
     w: float = infer_field(1.0, "guidance scale w of norm-guided inference (Eq. 7, Fig. 10: 1)")
-    t_single: int = infer_field(400, "noise scale of the single-scale paradigms one_step / iterative / ddim (Table VII: 400)")
+    t_single: int = infer_field(
+        400, "noise scale of the single-scale paradigms one_step / iterative / ddim (Iterative-400 of Tables VII-VIII starts at t = 400, Fig. 8; one-step and DDIM rows give no t, so they share it)"
+    )
     paradigm_steps: int = infer_field(30, "k for inference paradigm iterative / ddim (Table VII: Iterative-400 = k 401 from 400, DDIM-30)")
     top_k: int = infer_field(50, "image score = mean of the top-k pixels of the anomaly map (§V-A: 50 at 256²)")
     top_k_reference_size: int | None = infer_field(
@@ -139,6 +160,7 @@ class DiffusionADConfig(MethodConfig):
         for name in ("num_timesteps", "base_channels", "layers_per_block", "head_channels", "norm_groups", "seg_base_channels", "top_k"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.segmentation_learning_rate > 0, f"segmentation_learning_rate must be > 0, got {self.segmentation_learning_rate}")
+        check(self.segmentation_cosine_steps >= 1, f"segmentation_cosine_steps must be >= 1, got {self.segmentation_cosine_steps}")
         size = self.input_size
         for name, mult in (("channel_mult", self.channel_mult), ("seg_channel_mult", self.seg_channel_mult)):
             check(len(mult) >= 2 and all(m >= 1 for m in mult), f"{name} needs >= 2 positive multipliers, got {mult}")
@@ -146,6 +168,10 @@ class DiffusionADConfig(MethodConfig):
             check(size % factor == 0, f"input size {size} (crop_size or image_size) must be divisible by {factor}, the downsampling of {name}={mult}")
         widths = [self.base_channels * m for m in self.channel_mult]
         check(all(c % self.norm_groups == 0 for c in widths), f"norm_groups={self.norm_groups} must divide every UNet width {widths}")
+        check(
+            self.num_heads is None or (self.num_heads >= 1 and all(c % self.num_heads == 0 for c in widths)),
+            f"num_heads must be None or >= 1 and divide every UNet width {widths}, got {self.num_heads}",
+        )
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         T = self.num_timesteps
         check(0 < self.tau < T, f"tau must be in (0, num_timesteps={T}), got {self.tau}")
@@ -305,6 +331,7 @@ class DiffusionAD(AnomalyMethod):
     """Reconstruction UNet (ε-prediction) + segmentation U-Net on [x_0, x̂_0]."""
 
     Config: ClassVar[type[MethodConfig]] = DiffusionADConfig
+    training_synthesis: ClassVar[tuple[str, ...]] = ("perlin_texture", "perlin_shuffled_patches")  # §IV-D via methods/anomaly_synthesis.py
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes: 64 px, a ~0.37 M-parameter UNet and a ~0.23 M segmentation net.
@@ -325,6 +352,8 @@ class DiffusionAD(AnomalyMethod):
             "layers_per_block": 1,
             "attention_resolutions": (),
             "head_channels": 32,
+            "num_heads": None,  # 32-wide heads: one head at the 32-channel middle block
+            "segmentation_schedule": SegmentationSchedule.CONSTANT,  # the raised 1e-3 LR was tuned without the cosine
             "norm_groups": 8,
             "seg_base_channels": 16,
             "seg_channel_mult": (1, 2, 4, 4),
@@ -459,15 +488,21 @@ class DiffusionAD(AnomalyMethod):
         return Prediction(anomaly_map, top_k_mean(anomaly_map, k))
 
     def configure_optimizers(self) -> Optimizers:
-        """Adam, 1e-4 for the UNet and 1e-5 for the segmentation net (§V-A, official code);
-        no LR schedule."""
+        """Adam, 1e-4 for the UNet (§V-A) and 1e-5 for the segmentation net (official code);
+        the UNet's LR is constant, the segmentation LR follows ``segmentation_schedule``
+        (official: a cosine over T_max optimiser steps, stepped every batch)."""
         optimizer = torch.optim.Adam(
             [
                 {"params": self.unet.parameters(), "lr": self.config.learning_rate},
                 {"params": self.segmentation.parameters(), "lr": self.config.segmentation_learning_rate},
             ]
         )
-        return Optimizers(optimizer, None)
+        if self.config.segmentation_schedule is SegmentationSchedule.CONSTANT:
+            return Optimizers(optimizer, None)
+        period = self.config.segmentation_cosine_steps
+        # CosineAnnealingLR's closed form with η_min = 0, applied to the segmentation group only.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 1.0, lambda s: (1 + math.cos(math.pi * s / period)) / 2])
+        return Optimizers(optimizer, scheduler, scheduler_per_batch=True)
 
 
 def _generator_noise(generator: torch.Generator, device: torch.device) -> NoiseFn:

@@ -109,6 +109,16 @@ class DRDCConfig(MultiClassConfig):
     train_grid_sizes: tuple[int, ...] = train_field((1, 16, 32), "grid cell sizes c of the training masks for I_in (the paper trains with its inference grids)")
     train_num_sets: int = train_field(2, "n_s of the training masks: one of n_s random disjoint sets is noised (the paper's n_s)")
     train_max_timestep: int | None = train_field(None, "largest t drawn in training; None = T-1 (§5 trains over all 1000 steps)")
+    # What the masked region of x_t holds in training (Eq. 12). Eq. 12 takes the
+    # expectation over x_0 and I_in separately and extends Eq. 8, so x_t ~ q(x_t | x_0) of
+    # the normal training image, target ε: the input of every reverse step after the first
+    # (there the masked region is the DDIM step from the previous x̃_0, the normal image).
+    # Only the first step sees the noise fill I_in forwarded, q(x_t | I_in) (§4.2).
+    train_noise_fill_fraction: float = train_field(
+        0.0,
+        "share of training samples whose masked region is q(x_t | I_in) (the first reverse step's input, §4.2) instead of "
+        "q(x_t | x_0) (Eq. 12 as printed; every later step's input); 0 = paper, 1/n_t matches an n_t-step schedule, 1 = noise fill only",
+    )
     base_channels: int = train_field(128, "UNet base width (§5: ADM UNet, width not given; 128 as in DiffusionAD)")
     channel_mult: tuple[int, ...] = train_field((1, 1, 2, 2, 4, 4), "UNet width multipliers per level (ADM 256² layout)")
     layers_per_block: int = train_field(2, "residual blocks per UNet level (ADM: 2)")
@@ -165,6 +175,7 @@ class DRDCConfig(MultiClassConfig):
         )
         check(self.feature_jitter_scale >= 0 and 0 <= self.feature_jitter_prob <= 1, "feature_jitter_scale must be >= 0 and feature_jitter_prob in [0, 1]")
         check(self.num_timesteps >= 2, f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        check(0.0 <= self.train_noise_fill_fraction <= 1.0, f"train_noise_fill_fraction must be in [0, 1], got {self.train_noise_fill_fraction}")
         check(
             self.train_max_timestep is None or 0 <= self.train_max_timestep < self.num_timesteps,
             f"train_max_timestep must be None or in [0, {self.num_timesteps - 1}], got {self.train_max_timestep}",
@@ -438,6 +449,7 @@ class DRDC(AnomalyMethod):
 
     Config: ClassVar[type[MethodConfig]] = DRDCConfig
     multi_class: ClassVar[bool] = True
+    training_synthesis: ClassVar[tuple[str, ...]] = ("grid_cells_gaussian_noise", "feature_jitter")  # inpainting masks (§4.3), UniAD jitter
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes, all synthetic categories in one model, at the data's native 128 px.
@@ -470,6 +482,7 @@ class DRDC(AnomalyMethod):
             "neighbor_size": 3,
             "train_grid_sizes": (1, 16),
             "train_max_timestep": 300,
+            "train_noise_fill_fraction": 1 / 3,  # the first of the 3 reverse steps below sees the noise fill
             "base_channels": 8,  # a 128 px training step costs ~0.7 s CPU at 8, ~1.3 s at 16
             "channel_mult": (1, 2, 2, 4),
             "layers_per_block": 1,
@@ -554,38 +567,46 @@ class DRDC(AnomalyMethod):
         t_max = config.num_timesteps - 1 if config.train_max_timestep is None else config.train_max_timestep
         t = torch.randint(0, t_max + 1, (b,), device=device)
         noise = torch.randn_like(images)
-        x_t = self.diffusion.q_sample(images, t, noise)  # only used without the model condition
         if config.model_condition:
             masks = random_training_masks(b, *images.shape[-2:], config.train_grid_sizes, config.train_num_sets, device)
             condition = noised_condition(images, masks, torch.randn_like(images))
-            loss_diff = self.inpainting_loss(images, condition, masks, t, noise)
+            noise_fill = torch.rand(b, device=device) < config.train_noise_fill_fraction
+            loss_diff = self.inpainting_loss(images, condition, masks, t, noise, noise_fill)
         else:
-            loss_diff = F.mse_loss(self.unet(x_t, t), noise)  # Eq. 8
+            loss_diff = F.mse_loss(self.unet(self.diffusion.q_sample(images, t, noise), t), noise)  # Eq. 8
 
         total = loss_feat + loss_diff
         return Losses(total, {"L_feat": loss_feat.detach(), "L_diff": loss_diff.detach()})
 
-    def inpainting_loss(self, images: torch.Tensor, condition: torch.Tensor, known_mask: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """L_diff = E‖ε - z_θ(x_t, I_in, t)‖² (DRDC Eq. 12) as the inference of §4.2 uses it.
+    def inpainting_loss(
+        self, images: torch.Tensor, condition: torch.Tensor, known_mask: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise_fill: torch.Tensor
+    ) -> torch.Tensor:
+        """L_diff = E‖ε - z_θ(x_t, I_in, t)‖² (DRDC Eq. 12), on the states inference feeds.
 
-        Inference forwards x_0 = I_in (the masked region already Gaussian noise) to x_t
-        and reads x̃_0^t off the prediction by Eq. 9; the heatmap (Eq. 11) compares that
-        with I_ori, so x̃_0^t must be the *normal* image also where I_in holds noise. We
-        therefore train on the same x_t = √ᾱ_t I_in + √(1-ᾱ_t) ε and take as ε of Eq. 12
-        the noise that separates x_t from the normal image x,
-        ε* = (x_t - √ᾱ_t x) / √(1-ᾱ_t): ε on the known pixels, and on the masked ones
-        ε + √(ᾱ_t/(1-ᾱ_t)) (n - x), which the network can only predict by inpainting x
-        from the known region (no identity shortcut). Two choices the paper leaves open:
-        (a) the literal target ε (noise of x_t w.r.t. I_in) is computable from x_t and
-        I_in and would teach the network to return the noise fill as x̃_0; (b) on the
-        masked pixels the squared error is weighted by (1 - ᾱ_t), i.e. it is ᾱ_t ‖x̃_0 - x‖²,
-        so that small t, where √(ᾱ_t/(1-ᾱ_t)) reaches ~100, do not dominate the loss.
-        Shapes [B, 3, H, W]; known_mask [B, 1, H, W]; t [B]."""
-        x_t = self.diffusion.q_sample(condition, t, noise)  # x_0 = I_in forwarded (§4.2)
-        target = self.diffusion.predict_eps_from_x0(x_t, t, images)  # ε* (w.r.t. the normal image)
+        Notation: images = x (normal), condition = I_in, noise = ε, noise_fill [B] bool.
+
+        * noise_fill False (Eq. 12 as printed): x_t = √ᾱ_t x + √(1-ᾱ_t) ε, target ε. This
+          is the input of every reverse step after the first: the known region is
+          re-sampled from q(x_t | x_0) (Eqs. 13-15) and the masked one is the DDIM step
+          from the previous x̃_0, which approximates x.
+        * noise_fill True (the first reverse step, §4.2): x_t = √ᾱ_t I_in + √(1-ᾱ_t) ε,
+          the masked region forwarded from the noise fill. The heatmap (Eq. 11) compares
+          x̃_0^t (Eq. 9) with I_ori, so x̃_0^t must be the *normal* image there too: the
+          target is ε* = (x_t - √ᾱ_t x) / √(1-ᾱ_t) (ε on known pixels, on masked ones
+          ε + √(ᾱ_t/(1-ᾱ_t)) (n - x), only predictable by inpainting x). On the masked
+          pixels the squared error is weighted by (1 - ᾱ_t), i.e. it is ᾱ_t ‖x̃_0 - x‖²,
+          so that small t, where √(ᾱ_t/(1-ᾱ_t)) reaches ~100, do not dominate (our choice;
+          the paper does not train on this state explicitly).
+
+        Shapes [B, 3, H, W]; known_mask [B, 1, H, W]; t, noise_fill [B]."""
+        fill = noise_fill.view(-1, 1, 1, 1)
+        start = torch.where(fill, condition, images)  # what is forwarded to x_t
+        x_t = self.diffusion.q_sample(start, t, noise)
+        target = torch.where(fill, self.diffusion.predict_eps_from_x0(x_t, t, images), noise)  # ε* or ε
         prediction = self.unet(torch.cat([x_t, condition], dim=1), t)
         one_minus_alpha_bar = 1 - self.diffusion.alpha_bar(t, images.shape)
-        weight = known_mask + (1 - known_mask) * one_minus_alpha_bar
+        masked_weight = torch.where(fill, one_minus_alpha_bar, torch.ones_like(one_minus_alpha_bar))
+        weight = known_mask + (1 - known_mask) * masked_weight
         return (weight * (prediction - target).pow(2)).mean()
 
     def configure_optimizers(self) -> Optimizers:

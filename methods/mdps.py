@@ -22,7 +22,7 @@ Notation (code name -> paper symbol):
     config.steps               N              DDIM steps (Alg. 1)
     config.num_samples         N_s            posterior samples per image (Eq. 19)
     config.mask_threshold      λ              Eq. 20
-    config.pixel_weight        η              Eq. 18
+    config.pixel_weight        η              Eq. 18 (None: 7·max ratio from calibrate())
     config.perceptual_strides  𝒥              backbone stages of Eq. 18, given by stride
 
 Timesteps are 0-based as in methods/gaussian_diffusion.py: the paper's t ∈ {1..1000}
@@ -34,14 +34,23 @@ Deviations and choices (each is a config field so it can be ablated):
   (as DPS does), and ρ = 100 is calibrated for that: with the square the guidance is
   ~100x too strong at 224² and the sampler diverges. ``guidance_norm`` picks either;
   the default is the code's ``l2``.
-* The perceptual backbone defaults to the offline ImageNet EfficientNet-Lite0 (strides
-  4, 8, 16, like WideResNet-101-2 stages 1-3 of the paper); ``backbone=wide_resnet101_2``
-  selects the paper's network where torchvision and its weights are available.
+* The perceptual backbone is the paper's WideResNet-101-2 (stages 1-3 = strides 4, 8,
+  16), loaded where torchvision and its weights are present; the smoke preset (and
+  ``method.backbone=efficientnet_lite0``) uses the offline EfficientNet-Lite0 at the same
+  strides (as DRDC's paper EfficientNet-B4 and its smoke Lite0).
 * 3x3 mean pooling of the features and a σ = 4 Gaussian blur of the final map are from
   the authors' code (the paper is silent); both can be switched off.
-* Eq. 20's min/max are per image by default; the authors' code took them over the whole
-  test set, which ``mask_threshold_scope=batch`` reproduces when the test set is
-  passed in one ``predict`` call (it uses the min/max over the images of each call).
+* Eq. 20's min/max: λ = 0.12 is the authors' value for a min/max taken over the whole
+  test set's first-pass maps, which would leak test information; per image it masks
+  nearly all of a defect-free map. By default (``mask_threshold_scope=validation``) they
+  are taken over the first-pass maps of the held-out validation normals, computed once
+  by :meth:`MDPS.calibrate`; ``per_image`` and ``batch`` (one predict call) remain.
+* η of Eq. 18 is not given in the paper; the authors' code sets η = 7 · max(perceptual
+  term) / max(pixel term). ``pixel_weight=None`` computes that ratio in
+  :meth:`MDPS.calibrate` over the validation normals' first-pass maps; a number fixes η.
+* Eq. 5's ‖·‖² is summed over C·H·W (and averaged over the batch), as printed and as in
+  the authors' code; a per-element mean (F.mse_loss) shrinks the gradient by C·H·W and
+  lets Adam's weight decay (5e-2) dominate at paper size.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +67,7 @@ from torch import nn
 from methods.backbones import backbone_strides
 from methods.base import AnomalyMethod, BackboneFactory, Losses, MethodConfig, Optimizers, Prediction, TrainBatch, check, infer_field, train_field
 from methods.gaussian_diffusion import BetaSchedule, GaussianDiffusion
-from methods.scoring import scaled_top_k, top_k_mean
+from methods.scoring import gaussian_blur, scaled_top_k, top_k_mean
 from methods.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -84,8 +93,12 @@ class GuidanceNorm(str, Enum):
 class ThresholdScope(str, Enum):
     """Over which images Eq. 20 takes min D̄ and max D̄."""
 
+    VALIDATION = "validation"  # the range over the validation normals' first-pass maps (MDPS.calibrate)
     PER_IMAGE = "per_image"  # each image's own range
     BATCH = "batch"  # the range over all images of one predict() call (the authors' code: the whole test set)
+
+
+PIXEL_WEIGHT_RATIO = 7.0  # authors' code: η = 7 · max(perceptual) / max(pixel)
 
 
 @dataclass(frozen=True)
@@ -121,18 +134,24 @@ class MDPSConfig(MethodConfig):
 
     # --- mask generation (Eq. 20) -----------------------------------------------------
     use_mask: bool = infer_field(True, "two passes with the Eq. 20 mask; False = 'w/o mask' (m ≡ 1, one pass)")
-    mask_threshold: float = infer_field(0.12, "λ of Eq. 20, in [0, 1] (not in the paper; authors' config for bottle: 0.12)")
-    mask_threshold_scope: ThresholdScope = infer_field(ThresholdScope.PER_IMAGE, "min/max of Eq. 20: per_image | batch (over one predict call; the authors' code: the test set)")
+    mask_threshold: float = infer_field(0.12, "λ of Eq. 20, in [0, 1] (not in the paper; authors' config for bottle: 0.12, for a min/max over the test set)")
+    mask_threshold_scope: ThresholdScope = infer_field(
+        ThresholdScope.VALIDATION,
+        "min/max of Eq. 20: validation (over the validation normals' first-pass maps, from calibrate(); the authors took the test set's) | per_image | batch (over one predict call)",
+    )
     mask_num_samples: int | None = infer_field(None, "posterior samples of the first (m ≡ 1) pass; None = num_samples (authors' code: 1)")
 
     # --- anomaly scoring (Eqs. 18-19) ----------------------------------------------------
     metric: Metric = infer_field(Metric.BOTH, "difference map of Eq. 18: pixel | perceptual | both (Table 4)")
-    pixel_weight: float = infer_field(1.0, "η of Eq. 18: weight of the L1 pixel term (not given in the paper)")
+    pixel_weight: float | None = infer_field(
+        None, "η of Eq. 18 (not given in the paper): None = the authors' 7·max(perceptual)/max(pixel) over the validation normals (calibrate()); a number = fixed η"
+    )
     backbone: str = infer_field(
-        "efficientnet_lite0",
-        "perceptual backbone: efficientnet_lite0 (offline default) | wide_resnet101_2 (the paper's; needs torchvision + weights) | efficientnet_b4",
+        "wide_resnet101_2",
+        "perceptual backbone: wide_resnet101_2 (§4.3, the paper's; needs torchvision + weights) | efficientnet_lite0 (offline, the smoke preset) | efficientnet_b4",
     )
     perceptual_strides: tuple[int, ...] = infer_field((4, 8, 16), "backbone stages of Eq. 18 by stride (§4.3: WRN-101-2 stages 1-3 = strides 4, 8, 16)")
+    calibration_batch_size: int = infer_field(8, "validation images per first-pass call in calibrate() (memory; the random draws follow it)")
     feature_pool_size: int = infer_field(3, "mean-pooling window on features before the cosine (authors' code: 3; 1 = none)")
     blur_sigma: float = infer_field(4.0, "σ in pixels of the Gaussian blur of the final map (authors' code: 4; 0 = none)")
     top_k: int = infer_field(500, "S: image score = mean of the S largest pixel scores (§4.3: 500)")
@@ -141,6 +160,16 @@ class MDPSConfig(MethodConfig):
     @property
     def uses_backbone(self) -> bool:
         return self.metric is not Metric.PIXEL
+
+    @property
+    def calibrates_pixel_weight(self) -> bool:
+        """η is computed from the validation normals (only both terms of Eq. 18 need it)."""
+        return self.pixel_weight is None and self.metric is Metric.BOTH
+
+    @property
+    def calibrates_threshold(self) -> bool:
+        """Eq. 20's min/max come from the validation normals."""
+        return self.use_mask and self.mask_threshold_scope is ThresholdScope.VALIDATION
 
     def validate(self) -> None:
         super().validate()
@@ -158,8 +187,9 @@ class MDPSConfig(MethodConfig):
         check(self.sample_chunk is None or self.sample_chunk >= 1, f"sample_chunk must be None or >= 1, got {self.sample_chunk}")
         check(0.0 <= self.ddim_eta <= 1.0, f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
         check(0.0 <= self.mask_threshold <= 1.0, f"mask_threshold λ must be in [0, 1], got {self.mask_threshold}")
-        check(self.pixel_weight >= 0, f"pixel_weight η must be >= 0, got {self.pixel_weight}")
-        check(self.metric is not Metric.PIXEL or self.pixel_weight > 0, "metric=pixel needs pixel_weight > 0")
+        check(self.pixel_weight is None or self.pixel_weight >= 0, f"pixel_weight η must be None (calibrated) or >= 0, got {self.pixel_weight}")
+        check(self.metric is not Metric.PIXEL or self.pixel_weight is None or self.pixel_weight > 0, "metric=pixel needs pixel_weight > 0 (or None)")
+        check(self.calibration_batch_size >= 1, f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
         strides = backbone_strides(self.backbone)  # ValueError naming the valid backbones
         check(
             len(self.perceptual_strides) > 0 and all(s in strides for s in self.perceptual_strides) and len(set(self.perceptual_strides)) == len(self.perceptual_strides),
@@ -169,6 +199,16 @@ class MDPSConfig(MethodConfig):
         check(self.blur_sigma >= 0, f"blur_sigma must be >= 0, got {self.blur_sigma}")
         check(self.top_k >= 1, f"top_k S must be >= 1, got {self.top_k}")
         check(self.top_k_reference_size is None or self.top_k_reference_size >= 1, f"top_k_reference_size must be None or >= 1, got {self.top_k_reference_size}")
+
+
+# --------------------------------------------------------------------------------------
+# Training of the prior (Eq. 5).
+
+
+def prior_loss(eps_prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """‖ε − ε_θ(x_t, t)‖² of MDPS Eq. 5: the squared norm summed over C·H·W per image
+    (as printed, and as the authors' code), averaged over the batch. [B, C, H, W] -> scalar."""
+    return (noise - eps_prediction).pow(2).flatten(1).sum(1).mean()
 
 
 # --------------------------------------------------------------------------------------
@@ -292,53 +332,41 @@ def perceptual_distance(features_x0: list[torch.Tensor], features_y: list[torch.
     return total
 
 
-def difference_map(
-    x0: torch.Tensor,
-    y: torch.Tensor,
-    metric: Metric,
-    pixel_weight: float,
-    features_x0: list[torch.Tensor] | None = None,
-    features_y: list[torch.Tensor] | None = None,
-    pool_size: int = 1,
-) -> torch.Tensor:
-    """D(x_0, y) of MDPS Eq. 18: η · pixel term + perceptual term, or one of them
-    (Table 4). [B, 3, H, W] -> [B, H, W]."""
-    out = torch.zeros(y.shape[0], *y.shape[-2:], device=y.device, dtype=y.dtype)
-    if metric in (Metric.PIXEL, Metric.BOTH):
-        out = out + pixel_weight * pixel_distance(x0, y)
-    if metric in (Metric.PERCEPTUAL, Metric.BOTH):
-        if features_x0 is None or features_y is None:
-            raise ValueError(f"metric={metric.value} needs backbone features")
-        out = out + perceptual_distance(features_x0, features_y, tuple(y.shape[-2:]), pool_size)
-    return out
+def difference_map(pixel: torch.Tensor, perceptual: torch.Tensor, pixel_weight: torch.Tensor | float) -> torch.Tensor:
+    """[D]_k of MDPS Eq. 18 from its two terms: η · pixel + perceptual (Table 4's single
+    metrics pass zeros for the other term). Linear, so on the sample-averaged terms it
+    is D̄ of Eq. 19. [B, H, W] x2 -> [B, H, W]."""
+    return pixel_weight * pixel + perceptual
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B, H, W] maps, truncated at 4σ (radius ⌊4σ + ½⌋ as in
-    scipy/scikit-image), mirror padding (replicate where the map is smaller than the radius)."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(4 * sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    x = maps[:, None]
-    mode = "reflect" if radius < min(maps.shape[-2:]) else "replicate"
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
-    return x[:, 0]
+class DifferenceTerms(NamedTuple):
+    """The Eq. 18 terms of D̄, each averaged over the posterior samples (Eq. 19)."""
+
+    pixel: torch.Tensor  # [B, H, W] mean of ‖y_k − (x_0)_k‖₁
+    perceptual: torch.Tensor  # [B, H, W] mean of Σ_i (1 − cos)
 
 
-def anomaly_mask(score_map: torch.Tensor, threshold: float, scope: ThresholdScope) -> torch.Tensor:
-    """m = (D̄ > min D̄ + λ (max D̄ − min D̄)) (MDPS Eq. 20), min/max per image or over
-    the batch. [B, H, W] -> float {0, 1} [B, 1, H, W]."""
+def pixel_weight_from_maps(pixel: torch.Tensor, perceptual: torch.Tensor, ratio: float = PIXEL_WEIGHT_RATIO) -> torch.Tensor:
+    """η of MDPS Eq. 18 as the authors' code sets it: ratio · max(perceptual term) /
+    max(pixel term), maxima over all maps given (here: the validation normals' first-pass
+    maps, each term averaged over the samples as in Eq. 19). [N, H, W] x2 -> scalar."""
+    return ratio * perceptual.max() / pixel.max().clamp_min(1e-12)
+
+
+def score_range(score_map: torch.Tensor, scope: ThresholdScope) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min D̄, max D̄) of Eq. 20 per image [B] (``per_image``) or over all images of
+    ``score_map`` (``batch``; also how calibrate() takes them over the validation normals)."""
     flat = score_map.flatten(1)
     if scope is ThresholdScope.PER_IMAGE:
-        low, high = flat.min(1).values, flat.max(1).values
-    else:
-        low, high = flat.min().expand(flat.shape[0]), flat.max().expand(flat.shape[0])
+        return flat.min(1).values, flat.max(1).values
+    return flat.min().expand(flat.shape[0]), flat.max().expand(flat.shape[0])
+
+
+def anomaly_mask(score_map: torch.Tensor, threshold: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """m = (D̄ > T_th), T_th = min D̄ + λ (max D̄ − min D̄) (MDPS Eq. 20); ``low``/``high``
+    are the min/max (scalars, or [B] per image). [B, H, W] -> float {0, 1} [B, 1, H, W]."""
     cut = low + threshold * (high - low)
-    return (score_map > cut.view(-1, 1, 1)).float()[:, None]
+    return (score_map > cut.reshape(-1, 1, 1)).float()[:, None]
 
 
 # --------------------------------------------------------------------------------------
@@ -373,6 +401,7 @@ class MDPS(AnomalyMethod):
             "num_samples": 2,
             "mask_num_samples": 1,
             "blur_sigma": 1.0,
+            "backbone": "efficientnet_lite0",  # offline; strides 4, 8, 16 like the paper's WRN-101-2 stages 1-3
         },
     }
 
@@ -393,6 +422,12 @@ class MDPS(AnomalyMethod):
             # an inference-only choice, and a stored prior must load under any backbone.
             object.__setattr__(self, "_backbone", backbone)
             log.info("MDPS perceptual backbone: %s, strides %s", c.backbone, c.perceptual_strides)
+        # Set by calibrate() from the validation normals (NaN = not calibrated). Not
+        # persistent: evaluation-time statistics, not trained weights, so a stored prior
+        # loads whatever the inference settings.
+        self.register_buffer("calibrated_pixel_weight", torch.tensor(float("nan")), persistent=False)  # η of Eq. 18
+        self.register_buffer("threshold_low", torch.tensor(float("nan")), persistent=False)  # min D̄ of Eq. 20
+        self.register_buffer("threshold_high", torch.tensor(float("nan")), persistent=False)  # max D̄ of Eq. 20
 
     # ---------------------------------------------------------------- training (Eq. 5)
 
@@ -401,12 +436,63 @@ class MDPS(AnomalyMethod):
         x0 = batch.images
         t = torch.randint(0, self.config.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        loss = F.mse_loss(self.unet(self.diffusion.q_sample(x0, t, noise), t), noise)
+        loss = prior_loss(self.unet(self.diffusion.q_sample(x0, t, noise), t), noise)
         return Losses(loss, {"L_theta": loss.detach()})
 
     def configure_optimizers(self) -> Optimizers:
         """Adam with weight decay (§5), no LR schedule."""
         return Optimizers(torch.optim.Adam(self.unet.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay), None)
+
+    # ---------------------------------------------------------------- calibration
+
+    @torch.no_grad()
+    def calibrate(self, normal_images: torch.Tensor, category: torch.Tensor | None = None) -> None:
+        """η of Eq. 18 and the min/max of Eq. 20 from the validation normals [N, 3, H, W].
+
+        Runs the first pass of :meth:`infer` (m ≡ 1, ``mask_num_samples`` samples) on
+        them, in chunks of ``calibration_batch_size``, with a generator seeded 0. η =
+        7 · max(perceptual) / max(pixel) over those maps (authors' code) unless
+        ``pixel_weight`` is fixed; then min/max of the blurred D̄ (Eq. 19) over all of
+        them. Only what the config needs is computed; the test set is never seen."""
+        c = self.config
+        if not (c.calibrates_pixel_weight or c.calibrates_threshold):
+            return
+        if normal_images.shape[0] == 0:
+            raise ValueError("MDPS.calibrate needs at least one validation normal image (set data.val_fraction > 0, or mask_threshold_scope=per_image and a numeric pixel_weight)")
+        was_training = self.training
+        self.eval()
+        try:
+            generator = torch.Generator(device=normal_images.device).manual_seed(0)
+            num_samples = c.mask_num_samples or c.num_samples
+            pixel, perceptual = [], []
+            for lo in range(0, normal_images.shape[0], c.calibration_batch_size):
+                y = normal_images[lo : lo + c.calibration_batch_size]
+                terms = self.difference_terms(y, torch.ones_like(y[:, :1]), num_samples, generator)
+                pixel.append(terms.pixel)
+                perceptual.append(terms.perceptual)
+            pixel_maps, perceptual_maps = torch.cat(pixel), torch.cat(perceptual)  # [N, H, W] each
+            if c.calibrates_pixel_weight:
+                self.calibrated_pixel_weight.copy_(pixel_weight_from_maps(pixel_maps, perceptual_maps))
+                log.info("MDPS calibrated η = %.4g", self.calibrated_pixel_weight.item())
+            if c.calibrates_threshold:
+                first = gaussian_blur(difference_map(pixel_maps, perceptual_maps, self.eta()), c.blur_sigma)  # D̄ of the first pass
+                low, high = score_range(first, ThresholdScope.BATCH)
+                self.threshold_low.copy_(low[0])
+                self.threshold_high.copy_(high[0])
+        finally:
+            self.train(was_training)
+
+    def eta(self) -> torch.Tensor | float:
+        """η of Eq. 18: the config's number, the calibrated ratio, or 1 where only one
+        term is used (then η only rescales the map, which neither Eq. 20 nor a ranking sees)."""
+        c = self.config
+        if c.pixel_weight is not None:
+            return c.pixel_weight
+        if not c.calibrates_pixel_weight:
+            return 1.0
+        if torch.isnan(self.calibrated_pixel_weight):
+            raise ValueError("MDPS pixel_weight=None needs calibrate() on validation normals before predict (or set a numeric pixel_weight)")
+        return self.calibrated_pixel_weight
 
     # ---------------------------------------------------------------- inference
 
@@ -414,14 +500,20 @@ class MDPS(AnomalyMethod):
         """Anomaly map D̄ of the masked pass [B, H, W] and the top-S image score [B] (§4.3).
 
         With ``use_mask`` a first pass (m ≡ 1, ``mask_num_samples`` samples) gives the
-        Eq. 20 mask; the second pass samples with it. Randomness comes only from
-        ``generator``."""
+        Eq. 20 mask, its min/max from :meth:`calibrate` (or per image / per call); the
+        second pass samples with it. Randomness comes only from ``generator``."""
         c = self.config
         features_y = self._features(images)
         ones = torch.ones_like(images[:, :1])
         if c.use_mask:
             first = self.score_map(images, ones, c.mask_num_samples or c.num_samples, generator, features_y)
-            mask = anomaly_mask(first, c.mask_threshold, c.mask_threshold_scope)
+            if c.calibrates_threshold:
+                if torch.isnan(self.threshold_low):
+                    raise ValueError("MDPS mask_threshold_scope=validation needs calibrate() on validation normals before predict (or mask_threshold_scope=per_image)")
+                low, high = self.threshold_low, self.threshold_high
+            else:
+                low, high = score_range(first, c.mask_threshold_scope)
+            mask = anomaly_mask(first, c.mask_threshold, low, high)
         else:
             mask = ones
         final = self.score_map(images, mask, c.num_samples, generator, features_y)
@@ -461,6 +553,29 @@ class MDPS(AnomalyMethod):
             out.append(x0.view(n, *images.shape))
         return torch.cat(out)
 
+    def difference_terms(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator,
+        features_y: list[torch.Tensor] | None = None,
+    ) -> DifferenceTerms:
+        """The two terms of Eq. 18, each averaged over N_s posterior samples (Eq. 19 is
+        linear in them); a term the metric does not use is zeros. -> [B, H, W] each"""
+        c = self.config
+        samples = self.reconstruct(images, mask, num_samples, generator)  # [N_s, B, 3, H, W]
+        if c.uses_backbone and features_y is None:
+            features_y = self._features(images)
+        pixel = torch.zeros(images.shape[0], *images.shape[-2:], device=images.device)
+        perceptual = torch.zeros_like(pixel)
+        for x0 in samples:
+            if c.metric is not Metric.PERCEPTUAL:
+                pixel += pixel_distance(x0, images)
+            if c.uses_backbone:
+                perceptual += perceptual_distance(self._features(x0), features_y, tuple(images.shape[-2:]), c.feature_pool_size)
+        return DifferenceTerms(pixel / num_samples, perceptual / num_samples)
+
     def score_map(
         self,
         images: torch.Tensor,
@@ -469,15 +584,10 @@ class MDPS(AnomalyMethod):
         generator: torch.Generator,
         features_y: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """D̄ = (1/N_s) Σ_j D(x_0^(j), y) (MDPS Eq. 19), then the optional blur. -> [B, H, W]"""
-        c = self.config
-        samples = self.reconstruct(images, mask, num_samples, generator)  # [N_s, B, 3, H, W]
-        if features_y is None:
-            features_y = self._features(images)
-        total = torch.zeros(images.shape[0], *images.shape[-2:], device=images.device)
-        for x0 in samples:
-            total += difference_map(x0, images, c.metric, c.pixel_weight, self._features(x0), features_y, c.feature_pool_size)
-        return gaussian_blur(total / num_samples, c.blur_sigma)
+        """D̄ = (1/N_s) Σ_j D(x_0^(j), y) (MDPS Eq. 19) with D = η · pixel + perceptual
+        (Eq. 18), then the optional blur. -> [B, H, W]"""
+        terms = self.difference_terms(images, mask, num_samples, generator, features_y)
+        return gaussian_blur(difference_map(terms.pixel, terms.perceptual, self.eta()), self.config.blur_sigma)
 
     def _features(self, images: torch.Tensor) -> list[torch.Tensor] | None:
         """The backbone stages used by Eq. 18, or None for the pixel-only metric."""

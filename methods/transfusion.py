@@ -79,10 +79,19 @@ class AnomalyTarget(str, Enum):
 
 
 class ConsistencyMask(str, Enum):
-    """Which mask estimate Eq. 4 uses when L_c (Eq. 8) builds the predicted x_{t-1}."""
+    """Which mask estimate Eq. 4 uses when L_c (Eq. 8) builds the predicted x_{t-1}.
+
+    The paper (§3.2) builds x_{t-1} from "the estimated M_t" and does not say it is
+    binarised in training; the official code binarises it, so the default follows the code.
+    Table 4's "w/o L_m" row needs SOFT: with BINARY no loss reaches the mask head once L_m
+    is off, the head stays at its initialisation and M_disc (95 % of M_final, Eq. 10) is
+    noise, yet the paper loses only 1.5-3.2 p.p. there, so its mask head was still trained,
+    and L_c through Eq. 4 is the only remaining term that can train it. ``validate`` therefore
+    rejects mask_loss = false with a binary (or absent) L_c.
+    """
 
     BINARY = "binary"  # σ(M̂) > 0.5, as at inference; no L_c gradient reaches the mask head (official code)
-    SOFT = "soft"  # σ(M̂); L_c also trains the mask head
+    SOFT = "soft"  # σ(M̂); L_c also trains the mask head (Table 4 "w/o L_m")
 
 
 class FinalMask(str, Enum):
@@ -135,7 +144,9 @@ class TransFusionConfig(MethodConfig):
     consistency_loss: bool = train_field(True, "use L_c = L2 on the next step x_{t-1} (Eq. 8)")
     mask_focal_weight: float = train_field(5.0, "α, weight of the focal term in L_m (Eq. 6: 5)")
     anomaly_target: AnomalyTarget = train_field(AnomalyTarget.SCALED, "L_a target: scaled (β_t ε, official code) | appearance (ε)")
-    consistency_mask: ConsistencyMask = train_field(ConsistencyMask.BINARY, "mask used in L_c's Eq. 4: binary (official code) | soft")
+    consistency_mask: ConsistencyMask = train_field(
+        ConsistencyMask.BINARY, "mask used in L_c's Eq. 4: binary (official code; the paper is silent) | soft (needed without L_m, see ConsistencyMask)"
+    )
     # Inference (§3.4, Table 4 "Final mask calc.").
     final_mask: FinalMask = infer_field(FinalMask.COMBINED, "final map: combined (Eq. 10) | last (M_1) | disc (M_disc) | recon (M_recon)")
     disc_weight: float = infer_field(0.95, "λ, weight of M_disc against M_recon in Eq. 10 (0.95)")
@@ -165,6 +176,10 @@ class TransFusionConfig(MethodConfig):
         check(
             self.normal_loss or self.mask_loss or self.anomaly_loss or self.consistency_loss,
             "at least one of normal_loss, mask_loss, anomaly_loss, consistency_loss must be true",
+        )
+        check(
+            self.mask_loss or (self.consistency_loss and self.consistency_mask is ConsistencyMask.SOFT),
+            "mask_loss=false leaves the mask head untrained unless L_c reaches it: set consistency_loss=true and consistency_mask=soft (Table 4 w/o L_m)",
         )
 
     @property
@@ -403,6 +418,7 @@ class TransFusion(AnomalyMethod):
         },
     }
     multi_class = False
+    training_synthesis = ("perlin_texture", "perlin_shuffled_patches")  # §3.3 via methods/anomaly_synthesis.py
 
     def __init__(self, config: TransFusionConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__(config, backbone_factory)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 
@@ -28,7 +29,9 @@ class UNet(nn.Module):
     Each level has ``layers_per_block`` residual blocks (+ attention where asked); levels
     are separated by 2x down/up-sampling; the middle block always has attention, as in
     ADM. ``head_channels`` is the width of each attention head (ADM's
-    ``num_head_channels``). H and W must be divisible by 2^(len(channel_mult) - 1).
+    ``num_head_channels``); ``num_heads``, when given, fixes the number of heads of every
+    attention layer instead, whatever its width (ADM's ``num_heads`` with
+    ``num_head_channels = -1``). H and W must be divisible by 2^(len(channel_mult) - 1).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class UNet(nn.Module):
         head_channels: int = 64,
         norm_groups: int = 32,
         dropout: float = 0.0,
+        num_heads: int | None = None,
     ):
         super().__init__()
         channels = tuple(base_channels * m for m in channel_mult)
@@ -65,13 +69,25 @@ class UNet(nn.Module):
             flip_sin_to_cos=True,
             freq_shift=0,
         )
+        if num_heads is not None:
+            # diffusers takes one head width for every level; ADM's fixed head count means
+            # a head width of channels / num_heads per layer. The q/k/v projections are
+            # channels -> channels either way, so only the split into heads changes (the
+            # attention processor derives head_dim = channels // heads and scales by it).
+            for module in self.net.modules():
+                if isinstance(module, Attention):
+                    if module.inner_dim % num_heads:
+                        raise ValueError(f"num_heads={num_heads} must divide every attention width, got {module.inner_dim}")
+                    module.heads = module.sliceable_head_dim = num_heads
+                    module.scale = (module.inner_dim // num_heads) ** -0.5
 
     @classmethod
     def from_config(cls, config: Any, in_channels: int, out_channels: int) -> "UNet":
         """The UNet a method config describes: its ``input_size`` and the UNet fields every
         diffusion method declares under the same names (``base_channels``, ``channel_mult``,
         ``layers_per_block``, ``attention_resolutions``, ``head_channels``,
-        ``norm_groups``, ``dropout``). The channel counts are the method's own."""
+        ``norm_groups``, ``dropout``; ``num_heads`` where the method declares it). The
+        channel counts are the method's own."""
         return cls(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -83,6 +99,7 @@ class UNet(nn.Module):
             head_channels=config.head_channels,
             norm_groups=config.norm_groups,
             dropout=config.dropout,
+            num_heads=getattr(config, "num_heads", None),
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -125,10 +125,12 @@ def train_epoch(model: nn.Module, optimizers: Optimizers | None, data: TrainingD
             optimizers.optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizers.optimizer.step()
+            if optimizers.scheduler is not None and optimizers.scheduler_per_batch:
+                optimizers.scheduler.step()
         for name, value in {"loss": losses.total, **losses.terms}.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         steps += 1
-    if optimizers is not None and optimizers.scheduler is not None:
+    if optimizers is not None and optimizers.scheduler is not None and not optimizers.scheduler_per_batch:
         optimizers.scheduler.step()
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
@@ -196,6 +198,14 @@ class SplitResult:
     prediction: SplitPrediction
 
 
+def calibrate_on_validation_normals(model: AnomalyMethod, data: CategoryData, category_index: int, device: torch.device) -> None:
+    """``model.calibrate`` with the category's held-out validation normals (label 0),
+    converted as :func:`predict_split` converts images. Test images are never used."""
+    normals = data.val_images[data.val_labels == 0]
+    images = to_unit_range(np.ascontiguousarray(normals)).to(device)
+    model.calibrate(images, torch.full((len(images),), category_index, dtype=torch.long, device=device))
+
+
 def evaluate_split(model: AnomalyMethod, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, category_index: int,
                    batch_size: int, seed: int, device: torch.device, progress: bool = False) -> SplitResult:
     prediction = predict_split(model, images, category_index, batch_size, seed, device, progress)
@@ -204,8 +214,10 @@ def evaluate_split(model: AnomalyMethod, images: np.ndarray, masks: np.ndarray, 
 
 def validate(model: AnomalyMethod, datas: Sequence[CategoryData], settings: EvaluationSettings, device: torch.device) -> dict[str, float]:
     """Validation metrics averaged over the model's categories (the tuning signal during training)."""
-    per_category = [evaluate_split(model, d.val_images, d.val_masks, d.val_labels, i, settings.batch_size, settings.seed, device).metrics
-                    for i, d in enumerate(datas)]
+    per_category = []
+    for i, d in enumerate(datas):
+        calibrate_on_validation_normals(model, d, i, device)
+        per_category.append(evaluate_split(model, d.val_images, d.val_masks, d.val_labels, i, settings.batch_size, settings.seed, device).metrics)
     mean = mean_metrics(per_category)
     return {metric_name("val", m): getattr(mean, m) for m in METRICS}
 
@@ -217,6 +229,7 @@ def evaluate_model(model: AnomalyMethod, datas: Sequence[CategoryData], settings
     s = settings
     out = []
     for index, d in enumerate(datas):
+        calibrate_on_validation_normals(model, d, index, device)  # before any predict on this category
         val = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, index, s.batch_size, s.seed, device)
         test = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, index, s.batch_size, s.seed, device)
         latency = measure_latency(model, d.test_images, index, s.latency_images, s.seed, device)
@@ -275,6 +288,7 @@ def run_local(
         model = build_model(method, config, backbone_factory or default_backbone_factory).to(device)
         train_seconds += fit(model, model.configure_optimizers(), training_data(datas, textures), config, seed, device, progress=progress)
         for position, d in enumerate(datas):
+            calibrate_on_validation_normals(model, d, position, device)
             val[d.category] = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, position, eval_batch_size, seed, device).metrics
             result = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, position, eval_batch_size, seed, device)
             test[d.category] = result.metrics

@@ -347,6 +347,7 @@ def test_paper_defaults_match_section_5():
     assert c.timesteps == (250, 200, 150, 100, 50, 0) and c.grid_sizes == (1, 16, 32) and c.scales == (1, 2, 4, 8)
     assert (c.gamma, c.num_sets, c.mean_filter_size, c.num_timesteps, c.weight_decay) == (0.9, 2, 41, 1000, 1e-4)
     assert c.model_condition and c.test_time_condition and c.fusion is Fusion.SPATIOTEMPORAL and not c.multiscale_base
+    assert c.train_noise_fill_fraction == 0.0  # Eq. 12 as printed: x_t ~ q(x_t | x_0) of the normal image
 
 
 def test_inference_only_fields_do_not_change_the_training_fingerprint():
@@ -374,6 +375,7 @@ def test_inference_only_fields_do_not_change_the_training_fingerprint():
         ({"feature_stride": 10}, "feature_stride"),
         ({"crop_size": 300}, "crop_size"),
         ({"train_max_timestep": 1000}, "train_max_timestep"),
+        ({"train_noise_fill_fraction": 1.5}, "train_noise_fill_fraction"),
         ({"backbone": "resnet18"}, "backbone"),
         ({"backbone_stages": (1, 6)}, "backbone_stages"),
         ({"backbone_stages": (3, 2)}, "backbone_stages"),
@@ -500,4 +502,6 @@ def test_inpainting_loss_targets_the_normal_image_through_eq9():
     assert torch.allclose((known * target), known * noise, atol=1e-4)
     assert torch.allclose(model.diffusion.predict_x0_from_eps(x_t, t, target), images, atol=1e-3)
     model.unet.forward = lambda x, t_: target  # the ideal inpainter
-    assert model.inpainting_loss(images, condition, known, t, noise).item() < 1e-8
+    assert model.inpainting_loss(images, condition, known, t, noise, torch.tensor([True, True])).item() < 1e-8
+    model.unet.forward = lambda x, t_: noise  # on the forward state of x (Eq. 12 as printed) ε is the target
+    assert model.inpainting_loss(images, condition, known, t, noise, torch.tensor([False, False])).item() < 1e-12

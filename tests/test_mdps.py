@@ -28,6 +28,7 @@ from methods.mdps import (
     pixel_distance,
     posterior_sample,
     sampling_timesteps,
+    score_range,
 )
 from methods.scoring import scaled_top_k, top_k_mean
 from orchestrator.config import resolve_method_config
@@ -259,14 +260,11 @@ def test_difference_map_modes_of_table_4() -> None:
     torch.manual_seed(0)
     y, x0 = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
     fy, fx = [torch.randn(2, 4, 4, 4)], [torch.randn(2, 4, 4, 4)]
-    pixel = difference_map(x0, y, Metric.PIXEL, 2.5)
-    perceptual = difference_map(x0, y, Metric.PERCEPTUAL, 2.5, fx, fy)
-    both = difference_map(x0, y, Metric.BOTH, 2.5, fx, fy)
-    torch.testing.assert_close(pixel, 2.5 * pixel_distance(x0, y))
-    torch.testing.assert_close(perceptual, perceptual_distance(fx, fy, (8, 8)))
-    torch.testing.assert_close(both, pixel + perceptual)
-    with pytest.raises(ValueError, match="features"):
-        difference_map(x0, y, Metric.BOTH, 1.0)
+    pixel, perceptual = pixel_distance(x0, y), perceptual_distance(fx, fy, (8, 8))
+    zeros = torch.zeros_like(pixel)
+    torch.testing.assert_close(difference_map(pixel, zeros, 2.5), 2.5 * pixel)  # pixel-only
+    torch.testing.assert_close(difference_map(zeros, perceptual, 2.5), perceptual)  # perceptual-only
+    torch.testing.assert_close(difference_map(pixel, perceptual, 2.5), 2.5 * pixel + perceptual)
 
 
 @pytest.mark.parametrize("sigma", [1.0, 1.5, 4.0])
@@ -279,13 +277,15 @@ def test_gaussian_blur_matches_scipy(sigma: float) -> None:
 
 def test_anomaly_mask_eq20_per_image_and_per_batch() -> None:
     score = torch.tensor([[[0.0, 1.0], [2.0, 10.0]], [[5.0, 6.0], [7.0, 8.0]]])
-    per_image = anomaly_mask(score, 0.5, ThresholdScope.PER_IMAGE)
+    per_image = anomaly_mask(score, 0.5, *score_range(score, ThresholdScope.PER_IMAGE))
     # image 0: cut 0 + 0.5·10 = 5 -> only 10; image 1: cut 5 + 0.5·3 = 6.5 -> 7, 8
     assert per_image.shape == (2, 1, 2, 2)
     assert per_image[:, 0].tolist() == [[[0, 0], [0, 1]], [[0, 0], [1, 1]]]
-    batch = anomaly_mask(score, 0.5, ThresholdScope.BATCH)  # cut 0 + 0.5·10 = 5 for both
+    batch = anomaly_mask(score, 0.5, *score_range(score, ThresholdScope.BATCH))  # cut 0 + 0.5·10 = 5 for both
     assert batch[:, 0].tolist() == [[[0, 0], [0, 1]], [[0, 1], [1, 1]]]
-    assert anomaly_mask(score, 0.0, ThresholdScope.PER_IMAGE)[:, 0].sum().item() == 6  # all but each minimum
+    assert anomaly_mask(score, 0.0, *score_range(score, ThresholdScope.PER_IMAGE))[:, 0].sum().item() == 6  # all but each minimum
+    # calibrated scalars (the validation scope): one cut for every image
+    assert anomaly_mask(score, 0.25, torch.tensor(2.0), torch.tensor(10.0))[:, 0].tolist() == [[[0, 0], [0, 1]], [[1, 1], [1, 1]]]
 
 
 def test_image_score_is_the_mean_of_the_top_s_pixels() -> None:
@@ -304,7 +304,9 @@ def small_config(**overrides) -> MDPSConfig:
     values = dict(
         image_size=16, crop_size=None, epochs=1, batch_size=2, base_channels=8, channel_mult=(1, 2), layers_per_block=1,
         attention_resolutions=(), head_channels=8, norm_groups=4, noise_level=60, steps=3, num_samples=2, mask_num_samples=1,
-        blur_sigma=1.0, perceptual_strides=(4, 8),
+        blur_sigma=1.0, perceptual_strides=(4, 8), backbone="efficientnet_lite0",
+        # fixed η and per-image Eq. 20 statistics: these tests need no calibrate() (tests/test_mdps_equations.py covers it)
+        pixel_weight=1.0, mask_threshold_scope="per_image",
     )
     values.update(overrides)
     return MDPSConfig(**values)
@@ -315,12 +317,15 @@ def test_config_defaults_are_the_paper() -> None:
     assert (c.rho, c.noise_level, c.steps, c.num_samples, c.top_k) == (100.0, 200, 10, 16, 500)
     assert (c.image_size, c.crop_size, c.epochs, c.batch_size, c.num_timesteps) == (256, 224, 2000, 8, 1000)
     assert c.metric is Metric.BOTH and c.use_mask and c.perceptual_strides == (4, 8, 16)
+    assert c.backbone == "wide_resnet101_2"  # §4.3
+    assert c.pixel_weight is None and c.mask_threshold_scope is ThresholdScope.VALIDATION  # calibrated on validation normals
 
 
 def test_config_declares_inference_only_axes() -> None:
     docs = field_docs(MDPSConfig)
     inference = {"rho", "noise_level", "steps", "num_samples", "mask_threshold", "pixel_weight", "metric", "use_mask",
-                 "mask_threshold_scope", "backbone", "perceptual_strides", "top_k", "ddim_eta", "guidance_norm", "sample_chunk"}
+                 "mask_threshold_scope", "backbone", "perceptual_strides", "top_k", "ddim_eta", "guidance_norm", "sample_chunk",
+                 "calibration_batch_size"}
     training = {"image_size", "crop_size", "epochs", "batch_size", "learning_rate", "weight_decay", "num_timesteps", "base_channels", "channel_mult"}
     assert all(not docs[name][0] for name in inference)
     assert all(docs[name][0] for name in training)
@@ -339,6 +344,9 @@ def test_config_declares_inference_only_axes() -> None:
         ({"backbone": "resnet18"}, "unknown backbone"),
         ({"perceptual_strides": (2,), "backbone": "wide_resnet101_2"}, "perceptual_strides"),
         ({"metric": "pixel", "pixel_weight": 0.0}, "pixel_weight"),
+        ({"pixel_weight": -1.0}, "pixel_weight"),
+        ({"calibration_batch_size": 0}, "calibration_batch_size"),
+        ({"mask_threshold_scope": "test"}, "mask_threshold_scope"),
         ({"feature_pool_size": 2}, "feature_pool_size"),
         ({"channel_mult": (1, 2, 2, 2, 2, 2)}, "divisible"),
     ],
@@ -352,6 +360,7 @@ def test_presets_resolve() -> None:
     smoke = resolve_method_config("mdps", "smoke")
     paper = resolve_method_config("mdps", "paper")
     assert smoke.image_size == 64 and smoke.input_size == 64
+    assert smoke.backbone == "efficientnet_lite0" and paper.backbone == "wide_resnet101_2"  # offline stand-in at smoke scale
     assert paper == MDPSConfig()
 
 
@@ -407,7 +416,7 @@ def test_predict_is_two_passes_with_the_eq20_mask(backbone) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         first = model.score_map(images, torch.ones(2, 1, 16, 16), 1, g)
-        mask = anomaly_mask(first, 0.5, ThresholdScope.PER_IMAGE)
+        mask = anomaly_mask(first, 0.5, *score_range(first, ThresholdScope.PER_IMAGE))
         assert 0 < mask.mean() < 1
         final = model.score_map(images, mask, 2, g)
     torch.testing.assert_close(got.anomaly_map, final)

@@ -59,7 +59,16 @@ def method(request) -> tuple[AnomalyMethod, TrainBatch]:
     cls = get_method(request.param)
     config = smoke_config(cls)
     torch.manual_seed(0)
-    return cls(config, backbone_factory), tiny_batch(config.input_size)
+    model, batch = cls(config, backbone_factory), tiny_batch(config.input_size)
+    if is_training_free(model):
+        with torch.no_grad():  # what the training loop does: forward fills its state (a memory bank)
+            model(batch)
+    model.calibrate(tiny_batch(config.input_size, seed=1).images, batch.category)  # as evaluate_model does, before any predict
+    return model, batch
+
+
+def is_training_free(model: AnomalyMethod) -> bool:
+    return model.configure_optimizers() is None
 
 
 def predict(model: AnomalyMethod, batch: TrainBatch, generator: torch.Generator | None) -> Prediction:
@@ -120,6 +129,13 @@ def test_forward_gives_a_differentiable_scalar_and_detached_terms(method):
     model, batch = method
     model.train()
     torch.manual_seed(1)
+    if is_training_free(model):  # forward runs without gradients (see methods/base.py)
+        with torch.no_grad():
+            losses = model(batch)
+        assert isinstance(losses, Losses) and losses.total.ndim == 0 and torch.isfinite(losses.total)
+        assert losses.terms and all(t.ndim == 0 and torch.isfinite(t) for t in losses.terms.values())
+        assert not any(p.requires_grad for p in model.parameters())
+        return
     losses = model(batch)
     assert isinstance(losses, Losses)
     assert losses.total.ndim == 0 and torch.isfinite(losses.total)
@@ -152,6 +168,16 @@ def test_predict_is_deterministic(method):
     assert torch.equal(c.anomaly_map, predict(model, batch, seeded(0)).anomaly_map)
 
 
+def test_calibrate_keeps_the_mode_the_rng_and_the_stored_weights(method):
+    model, batch = method
+    model.train()
+    state, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    model.calibrate(batch.images, batch.category)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_predict_restores_the_mode_and_leaves_the_global_rng_alone(method, training):
     model, batch = method
@@ -165,6 +191,9 @@ def test_predict_restores_the_mode_and_leaves_the_global_rng_alone(method, train
 def test_configure_optimizers_covers_every_trainable_parameter(method):
     model, _ = method
     optimizers = model.configure_optimizers()
+    if optimizers is None:  # a training-free method: nothing the training loop could miss
+        assert not any(p.requires_grad for p in model.parameters())
+        return
     assert isinstance(optimizers, Optimizers) and isinstance(optimizers.optimizer, torch.optim.Optimizer)
     assert optimizers.scheduler is None or isinstance(optimizers.scheduler, torch.optim.lr_scheduler.LRScheduler)
     grouped = {id(p) for group in optimizers.optimizer.param_groups for p in group["params"]}

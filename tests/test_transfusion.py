@@ -22,6 +22,7 @@ from methods.transfusion import (
     anomaly_score,
     compose,
     final_anomaly_map,
+    mask_loss,
     mean_filter,
     reconstruction_error,
     reverse_step,
@@ -295,7 +296,9 @@ LOSS_SWITCHES = {"normal_loss": "L_n", "mask_loss": "L_m", "anomaly_loss": "L_a"
 
 @pytest.mark.parametrize("switch", [None, *LOSS_SWITCHES])
 def test_each_loss_switch_removes_its_term(switch):
-    config = tiny() if switch is None else tiny(**{switch: False})
+    # Without L_m the mask head is trained through L_c's soft mask (Table 4 "w/o L_m").
+    extra = {"consistency_mask": ConsistencyMask.SOFT} if switch == "mask_loss" else {}
+    config = tiny() if switch is None else tiny(**{switch: False}, **extra)
     model = TransFusion(config)
     torch.manual_seed(0)
     losses = model(make_batch())
@@ -335,12 +338,42 @@ def test_anomaly_target_scaled_vs_appearance():
 
 @pytest.mark.parametrize("mode,reaches_mask_head", [(ConsistencyMask.BINARY, False), (ConsistencyMask.SOFT, True)])
 def test_consistency_mask_mode_decides_whether_l_c_trains_the_mask(mode, reaches_mask_head):
-    model = TransFusion(tiny(consistency_mask=mode, normal_loss=False, mask_loss=False, anomaly_loss=False))
+    # L_m and L_c only: the mask logits' gradient differs from L_m's alone iff L_c reaches them.
+    model = TransFusion(tiny(consistency_mask=mode, normal_loss=False, anomaly_loss=False))
     sample = _fixed_sample(model)
     logits = torch.zeros_like(sample.mask, requires_grad=True)
     heads = Heads(torch.randn_like(sample.images), torch.randn_like(sample.images), logits + 0.1)
     model.training_losses(sample, heads).total.backward()
-    assert (logits.grad.abs().sum().item() > 0) == reaches_mask_head
+    only_l_m = torch.zeros_like(sample.mask, requires_grad=True)
+    mask_loss(only_l_m + 0.1, sample.mask, model.config.mask_focal_weight).backward()
+    assert (not torch.allclose(logits.grad, only_l_m.grad)) == reaches_mask_head
+
+
+def test_without_l_m_a_binary_consistency_mask_is_rejected():
+    with pytest.raises(ValueError, match="consistency_mask=soft"):
+        tiny(mask_loss=False)
+    with pytest.raises(ValueError, match="consistency_mask=soft"):
+        tiny(mask_loss=False, consistency_loss=False, consistency_mask=ConsistencyMask.SOFT)
+    tiny(mask_loss=False, consistency_mask=ConsistencyMask.SOFT)
+
+
+def test_without_l_m_the_mask_head_is_trained():
+    """Table 4 "w/o L_m" as the search space runs it: every mask-head parameter gets a
+    non-zero gradient from the remaining terms, and one step moves its output."""
+    from orchestrator import search_space
+    from orchestrator.config import resolve_method_config
+
+    space = search_space.load("transfusion_losses")
+    row = next(c for c in space.conditions if c.name == "w/o L_m")
+    config = resolve_method_config("transfusion", "smoke", space.fixed, row.overrides)
+    assert not config.mask_loss and config.consistency_mask is ConsistencyMask.SOFT
+    model = TransFusion(dataclasses.replace(config, **{k: v for k, v in TINY.items() if k not in ("epochs",)}))
+    torch.manual_seed(0)
+    losses = model(make_batch())
+    assert "L_m" not in losses.terms
+    losses.total.backward()
+    for name, p in model.net.mask_head.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum().item() > 0, name
 
 
 def test_perfect_heads_give_zero_mask_and_normal_losses():

@@ -1,0 +1,1 @@
+"""Mutation testing of the paper equations (python -m mutations.run; see run.py)."""
