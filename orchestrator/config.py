@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -67,7 +68,8 @@ class Settings:
     data: DataConfig = field(default_factory=DataConfig)
     categories: Optional[list[str]] = None  # None = the search space's, else all of the dataset
     scale: Optional[str] = None  # smoke | paper; None = the search space's
-    seed: int = 0  # seeds data split, training and prediction
+    seed: int = 0  # seeds the data split, and the first training (and prediction) seed
+    seeds: int = 1  # training seeds per grid point: seed, seed+1, ..., seed+seeds-1 (the data split keeps seed)
     trial: TrialConfig = field(default_factory=TrialConfig)
     max_concurrent: int = 2  # trials running at once
     num_samples: Optional[int] = None  # override the search space's number of samples
@@ -83,6 +85,7 @@ class Settings:
     eval_batch_size: int = 16  # images per predict() call
     latency_images: int = 4  # images timed one at a time for batch-1 latency
     sample_maps: int = 4  # anomaly-map PNGs logged per trial
+    dry_run: bool = False  # print the plan (trials, trainings, resources, targets) and exit before Ray starts
     help: bool = False  # print the ablations and keys, then exit
 
     def data_spec(self) -> DataSpec:
@@ -157,6 +160,7 @@ def build_settings(values: dict[str, Any], base: dict[str, Any] | None = None) -
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1) (the share of train/good held out for validation)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+    "seeds": (lambda v: 1 <= v <= 100, "in [1, 100] (training seeds per grid point)"),
     "trial.cpus": (lambda v: v > 0, "> 0"),
     "trial.gpus": (lambda v: v >= 0, ">= 0"),
     "trial.workers": (lambda v: v >= 1, ">= 1"),
@@ -199,10 +203,11 @@ def resolve_method_config(name: str, scale: str, *layers: dict[str, Any]) -> Any
     merged = OmegaConf.structured(config_class)
     try:
         for layer in (cls.PRESETS[scale], *layers):
-            for key, value in layer.items():
+            for key in layer:
                 if key not in valid:
                     raise ConfigError(f"unknown key 'method.{key}' for {name}; valid: {', '.join('method.' + v for v in valid)}")
-                merged = OmegaConf.merge(merged, {key: value})
+            if layer:  # one merge per layer: each merge deep-copies the whole config
+                merged = OmegaConf.merge(merged, dict(layer))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{name}: " + _omegaconf_message(exc, valid=[f"method.{v}" for v in valid], prefix="method.")) from None
@@ -217,6 +222,26 @@ def _omegaconf_message(exc: OmegaConfBaseException, valid: list[str], prefix: st
     if "not in" in first or "Key" in first and "not" in first:
         return f"unknown key {key!r}; valid: {', '.join(valid)}"
     return f"bad value for {key!r}: {first}"
+
+
+SECRET_QUERY_KEYS = ("password", "secret", "token", "key", "credential", "signature")
+
+
+def redact_uri(value: Any) -> Any:
+    """A URI without its credentials (``user:***@host``, secret query values as ``***``);
+    anything else unchanged. Settings pass through here before MLflow params or logs."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    if "@" not in parts.netloc and not any(s in parts.query.lower() for s in SECRET_QUERY_KEYS):
+        return value  # nothing to hide: returned exactly as given (urlunsplit would rewrite sqlite:///)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else f"***@{host}"
+    query = urllib.parse.urlencode([(k, "***" if any(s in k.lower() for s in SECRET_QUERY_KEYS) else v)
+                                    for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

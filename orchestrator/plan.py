@@ -16,6 +16,7 @@ or MLflow is written.
 
 from __future__ import annotations
 
+import http.client
 import os
 import urllib.error
 import urllib.parse
@@ -26,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from methods import get_method
-from methods.base import MethodConfig
+from methods.base import MethodConfig, field_docs
 from orchestrator import search_space as spaces
-from orchestrator.config import Settings, build_settings, resolve_method_config
+from orchestrator.config import Settings, build_settings, redact_uri, resolve_method_config
 from orchestrator.data import DataSpec
 from orchestrator.errors import ConfigError
 from orchestrator.store import ModelKey, model_key
@@ -37,9 +38,11 @@ from orchestrator.training import EvaluationSettings
 
 @dataclass(frozen=True)
 class Point:
-    """One grid row: its label (a condition name, or ``axis=value, ...``) and its config."""
+    """One grid row: its label (a condition name, ``axis=value, ...``, or in a benchmark
+    the method's name), its method and its resolved config."""
 
     label: str
+    method: str
     overrides: dict[str, Any]
     config: MethodConfig
 
@@ -58,17 +61,30 @@ class SweepPlan:
     skipped: tuple[str, ...]  # grid points whose config is invalid, with the reason
 
     @property
-    def method(self) -> str:
-        return self.space.method
-
-    @property
-    def multi_class(self) -> bool:
-        return get_method(self.method).multi_class
+    def methods(self) -> tuple[str, ...]:
+        """The methods the sweep runs: a benchmark's several, else the space's one."""
+        return self.space.methods or (self.space.method,)
 
     @property
     def per_category_trials(self) -> bool:
-        """Grid searches of per-category methods run one trial per (point, category)."""
-        return self.space.search == "grid" and not self.multi_class
+        """Grid searches of a per-category method run one trial per (point, category); a
+        benchmark runs one trial per method, over all categories."""
+        return self.space.search == "grid" and not self.space.is_benchmark and not get_method(self.space.method).multi_class
+
+    @property
+    def training_seeds(self) -> tuple[int, ...]:
+        """``seeds=N`` repeats every point under N training seeds; the data split keeps ``seed``."""
+        return tuple(range(self.settings.seed, self.settings.seed + self.settings.seeds))
+
+    def train_seed(self, trial_config: dict[str, Any]) -> int:
+        """The training (and prediction) seed of a trial."""
+        return int(trial_config.get("train_seed", self.settings.seed))
+
+    def method_of(self, trial_config: dict[str, Any]) -> str:
+        """The method a Tune trial config runs (a benchmark's point names it)."""
+        if "point" in trial_config:
+            return next(p.method for p in self.points if p.label == trial_config["point"])
+        return self.space.method
 
     def method_config(self, trial_config: dict[str, Any]) -> MethodConfig:
         """The method config a Tune trial config stands for."""
@@ -77,30 +93,111 @@ class SweepPlan:
         return self.resolve({a.name: trial_config[a.name] for a in self.space.axes})  # Optuna: one value per axis
 
     def resolve(self, axis_overrides: dict[str, Any]) -> MethodConfig:
-        return resolve_config(self.space, self.scale, self.method_overrides, self.categories, axis_overrides)
+        return resolve_config(self.space, self.space.method, self.scale, self.method_overrides, self.categories, axis_overrides)
 
     def model_groups(self, trial_config: dict[str, Any]) -> list[list[str]]:
         """The models a trial needs: one over all categories (multi-class), else one per
         category — the trial's own category in a per-category grid, or every category."""
-        if self.multi_class:
+        if get_method(self.method_of(trial_config)).multi_class:
             return [list(self.categories)]
         if "category" in trial_config:
             return [[trial_config["category"]]]
         return [[c] for c in self.categories]
 
-    def model_key(self, config: MethodConfig, categories: list[str]) -> ModelKey:
-        return model_key(self.method, config, self.data, categories, self.settings.trial.workers)
+    def model_key(self, method: str, config: MethodConfig, categories: list[str], train_seed: int) -> ModelKey:
+        return model_key(method, config, self.data, categories, self.settings.trial.workers, train_seed)
+
+    def grid_trials(self) -> list[dict[str, Any]]:
+        """A grid search's trial configs, as Tune will expand them (Optuna: empty)."""
+        trials: list[dict[str, Any]] = [{"point": p.label} for p in self.points]
+        if self.per_category_trials:
+            trials = [{**t, "category": c} for t in trials for c in self.categories]
+        if len(self.training_seeds) > 1:
+            trials = [{**t, "train_seed": seed} for t in trials for seed in self.training_seeds]
+        return trials
+
+    def pretrain_models(self) -> list[tuple[str, MethodConfig, list[str], int]]:
+        """(method, config, categories, training seed) of the models to train in parallel
+        before any trial starts: those trials would otherwise train one after another
+        (a trial needing one model per category trains them in a row). Known in advance
+        for grids, and for Optuna spaces whose axes are all inference-only (every trial
+        then shares the default training config). Empty when each trial needs one model:
+        Tune's own trial parallelism covers that."""
+        if not self.settings.reuse_models:
+            return []
+        if self.space.search == "grid":
+            trials = self.grid_trials()
+        elif any(field_docs(get_method(self.space.method).Config)[a.name][0] for a in self.space.axes):
+            return []  # Optuna samples training fields: the models are not known before the trials
+        else:
+            trials = [{}]
+        if all(len(self.model_groups(t)) <= 1 for t in trials):
+            return []
+        models: dict[str, tuple[str, MethodConfig, list[str], int]] = {}
+        for t in trials:
+            method, config, seed = self.method_of(t), self.method_config(t) if t else self.default_config, self.train_seed(t)
+            for group in self.model_groups(t):
+                models.setdefault(self.model_key(method, config, group, seed).key, (method, config, group, seed))
+        return list(models.values())
+
+    def describe(self) -> list[str]:
+        """What the sweep would run, for ``dry_run=true``: nothing is started or written."""
+        s, space = self.settings, self.space
+        t = s.trial
+        lines = [f"sweep {space.name}: {', '.join(self.methods)} on {s.dataset} ({self.scale} scale), "
+                 f"{len(self.categories)} categor{'y' if len(self.categories) == 1 else 'ies'}: {', '.join(self.categories)}"]
+        if space.search == "grid":
+            trials = self.grid_trials()
+            keys = {self.model_key(self.method_of(c), self.method_config(c), group, self.train_seed(c)).key
+                    for c in trials for group in self.model_groups(c)}
+            lines.append(f"trials: {len(trials)} (grid: {len(self.points)} points"
+                         + (" x categories" if self.per_category_trials else "")
+                         + (f" x {len(self.training_seeds)} seeds" if len(self.training_seeds) > 1 else "") + ")")
+            lines.append(f"trainings: {len(keys)} distinct models (other trials reuse a stored one)")
+        else:
+            samples = s.num_samples or space.num_samples
+            docs = field_docs(get_method(space.method).Config)
+            trained = [a.name for a in space.axes if docs[a.name][0]]
+            groups = len(self.model_groups({}))
+            lines.append(f"trials: {samples} (Optuna TPE on {space.metric}, {space.mode})")
+            lines.append(f"trainings: up to {samples * groups} (axes {', '.join(trained)} change the trained model)" if trained
+                         else f"trainings: {groups} (every axis is inference-only: "
+                              + ("one model over all categories" if get_method(space.method).multi_class else "one model per category")
+                              + ", shared by all trials)")
+        lines.append(f"per trial: {t.workers} Train worker(s) x {t.cpus} CPU" + (f" + {t.gpus} GPU" if t.gpus else "")
+                     + f"; at most {s.max_concurrent} trials at once" + (f"; ASHA {space.asha}" if space.asha else ""))
+        lines.append(f"storage: {redact_uri(s.storage_path)} (Tune/Train state, model store, evaluations, sample maps)")
+        lines.append(f"tracking: {redact_uri(s.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///<cwd>/mlflow.db')}")
+        lines.append(f"data: {s.dataset} at {s.data.root or 'the embedded synthetic data'}, cache {s.data.cache_dir}, "
+                     f"validation fraction {s.data.val_fraction}, split seed {s.seed}")
+        lines += [f"skipped grid point {reason}" for reason in self.skipped]
+        return lines
 
 
-def resolve_config(space: spaces.SearchSpace, scale: str, method_overrides: dict[str, Any], categories: tuple[str, ...],
+def resolve_config(space: spaces.SearchSpace, method: str, scale: str, method_overrides: dict[str, Any], categories: tuple[str, ...],
                    axis_overrides: dict[str, Any]) -> MethodConfig:
     """Paper defaults <- scale preset <- the space's fixed block <- method.* from the
-    command line <- what the categories set (multi-class) <- the point's axis values."""
-    cls = get_method(space.method)
-    return resolve_method_config(space.method, scale, space.fixed, method_overrides, cls.category_overrides(categories), axis_overrides)
+    command line <- what the categories set (multi-class) <- the point's axis values.
+    In a benchmark, ``method.*`` fields apply to the methods that have them."""
+    cls = get_method(method)
+    if space.is_benchmark:
+        method_overrides = {k: v for k, v in method_overrides.items() if k in field_docs(cls.Config)}
+    return resolve_method_config(method, scale, space.fixed, method_overrides, cls.category_overrides(categories), axis_overrides)
+
+
+def check_benchmark_overrides(space: spaces.SearchSpace, method_overrides: dict[str, Any]) -> None:
+    """A benchmark applies each ``method.*`` field to the methods that have it; one that
+    no compared method has is a typo."""
+    known = {name for m in space.methods for name in field_docs(get_method(m).Config)}
+    unknown = sorted(k for k in method_overrides if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown key 'method.{unknown[0]}': none of {', '.join(space.methods)} has it; "
+                          f"valid: {', '.join('method.' + k for k in sorted(known))}")
 
 
 def point_label(space: spaces.SearchSpace, index: int, overrides: dict[str, Any]) -> str:
+    if space.is_benchmark:
+        return space.point_method(overrides)[0]
     if space.conditions:
         return space.condition_names()[index]
     return ", ".join(f"{k}={v}" for k, v in overrides.items())
@@ -110,6 +207,8 @@ def settings_for(space: spaces.SearchSpace, values: dict[str, Any]) -> Settings:
     """The search space's defaults (dataset, scale, categories, trial resources) under the
     command line. A space's ``categories`` are for its own dataset only."""
     base: dict[str, Any] = {"method": space.method, "dataset": space.dataset, "scale": space.scale, "trial": space.trial}
+    if "method" in values and space.is_benchmark:
+        raise ConfigError(f"{space.name} runs each of {', '.join(space.methods)}; drop method={values['method']} or pick the method's own ablation")
     if "method" in values and values["method"] != space.method:
         raise ConfigError(f"ablation {space.name} is for method {space.method}; drop method={values['method']} or pick another ablation")
     if space.categories and values.get("dataset", space.dataset) == space.dataset:
@@ -167,9 +266,9 @@ def check_tracking_uri(uri: str | None) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
         except urllib.error.HTTPError:
             return  # it answered (a server or proxy without /health): reachable
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise ConfigError(f"tracking_uri {uri} is not reachable ({reason}); start the server or fix tracking_uri") from None
+            raise ConfigError(f"tracking_uri {redact_uri(uri)} is not reachable ({reason}); start the server or fix tracking_uri") from None
     elif scheme == "sqlite":
         database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
         if database and database != ":memory:" and not Path(database).resolve().parent.is_dir():
@@ -193,23 +292,26 @@ def check_resume(space: spaces.SearchSpace, settings: Settings) -> None:
 def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
     """Everything a sweep will run, checked before anything starts."""
     space = spaces.load(values["ablation"])
-    if space.is_benchmark:  # reports and leaderboards read them; sweeping several methods at once is not built yet
-        raise ConfigError(f"{space.name} compares several methods, and a sweep runs one method so far; "
-                          f"run each method's own ablation on {space.dataset} instead (e.g. ablation={space.methods[0]}_steps dataset={space.dataset})")
     settings = settings_for(space, values)
     scale = settings.scale or space.scale
+    if settings.seeds > 1 and space.search != "grid":
+        raise ConfigError(f"seeds={settings.seeds} repeats grid points, and {space.name} is an Optuna search; "
+                          "drop seeds= (or sweep the chosen point with a grid space)")
     check_resume(space, settings)
     check_storage(settings.storage_path)
     check_tracking_uri(settings.tracking_uri)
     data = settings.data_spec()
     categories = tuple(resolve_categories(settings, data))
-    default_config = resolve_config(space, scale, method_overrides, categories, {})
+    if space.is_benchmark:
+        check_benchmark_overrides(space, method_overrides)
+    default_config = resolve_config(space, space.method, scale, method_overrides, categories, {})
     points, skipped = [], []
     if space.search == "grid":
-        for i, overrides in enumerate(space.grid_points()):
-            label = point_label(space, i, overrides)
+        for i, point in enumerate(space.grid_points()):
+            method, overrides = space.point_method(point)
+            label = point_label(space, i, point)
             try:
-                points.append(Point(label, overrides, resolve_config(space, scale, method_overrides, categories, overrides)))
+                points.append(Point(label, method, overrides, resolve_config(space, method, scale, method_overrides, categories, overrides)))
             except ConfigError as exc:
                 skipped.append(f"{label}: {exc}")
         if not points:

@@ -23,7 +23,7 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray._private.utils import write_ray_address  # names the embedded cluster in its temp folder (see start_local_ray)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from methods.base import MethodConfig
@@ -85,8 +86,15 @@ def start_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
     # per-trial costs that dominate short trials on a laptop.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Each embedded Ray gets its own temp folder, inherited by its raylet and workers
+    # (RAY_TMPDIR), naming its own address: Ray processes that find the cluster by
+    # themselves (Ray Train's placement-group cleaner, the State API) then pick this one
+    # even when another sweep's embedded Ray runs on the machine, where they would
+    # otherwise stop with "Found multiple active Ray instances".
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     # address="local": never attach to a stale cluster named in /tmp/ray.
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **{"log_to_driver": True, **init_kwargs})
+    write_ray_address(ray.get_runtime_context().gcs_address, os.path.join(os.environ["RAY_TMPDIR"], "ray"))
 
 
 def check_resources(cpus: float, gpus: float, workers: int, autoscaling: bool) -> None:
@@ -143,15 +151,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     and checkpoint every ``period`` epochs, evaluate after the last one and publish the
     weights to the model store (rank 0)."""
     context: TrialContext = cfg["context"]
-    plan, config, key, categories = context.plan, cfg["method_config"], cfg["key"], cfg["categories"]
+    plan, method, config, key, categories = context.plan, cfg["method"], cfg["method_config"], cfg["key"], cfg["categories"]
     rank, world_size = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
-    seed = plan.settings.seed
+    seed = cfg["train_seed"]
 
     torch.manual_seed(seed + rank)
     datas = load_datas(plan.data, categories, config)
     data = training_data(datas, plan.data.texture_bank(datas[0].train_images.shape[-1]))
-    model = build_model(plan.method, config).to(device)
+    model = build_model(method, config).to(device)
     optimizers = model.configure_optimizers()
     start_epoch, train_seconds, resumed_after = 0, 0.0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -191,11 +199,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # The trained model is in memory: evaluate validation *and* test here, once,
             # instead of in a task that would reload model and data. Only the
             # validation metrics reach Tune; the whole evaluation is handed to the trial.
-            evaluation = evaluate_model(model, datas, plan.evaluation, device, context.trial_dir(cfg["trial_id"]), seconds)
+            evaluation = evaluate_model(model, datas, replace(plan.evaluation, seed=seed), device, context.trial_dir(cfg["trial_id"]), seconds)
             write_text(context.evaluation_path(cfg["trial_id"], key), model_evaluation_json(evaluation))
             report.update(evaluation.validation())
         elif validating:
-            report.update(validate(model, datas, plan.evaluation, device))
+            report.update(validate(model, datas, replace(plan.evaluation, seed=seed), device))
         with tempfile.TemporaryDirectory() as folder:
             state = {"model": model.state_dict(), "epoch": epochs_done, "train_seconds": seconds,
                      "optimizer": optimizers.optimizer.state_dict() if optimizers else None,
@@ -207,14 +215,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     train_seconds = fit(trained, optimizers, data, config, seed, device, start_epoch=start_epoch, train_seconds=train_seconds,
                         rank=rank, world_size=world_size, on_epoch_end=on_epoch_end)
     if rank == 0:
-        meta = {"method": plan.method, "categories": categories, "epochs": config.epochs, "train_seconds": train_seconds,
+        meta = {"method": method, "categories": categories, "epochs": config.epochs, "train_seconds": train_seconds,
                 "world_size": world_size, "device": str(device), "sweep": context.sweep_name, "trial_id": cfg["trial_id"],
                 "resumed_after_epoch": resumed_after}
         ModelStore(context.storage_path).save(key, {k: v.cpu() for k, v in model.state_dict().items()}, meta)
 
 
-def train_model(context: TrialContext, config: MethodConfig, categories: list[str], key: ModelKey, run_name: str, trial_id: str,
-                resume_from: Path | None) -> None:
+def train_model(context: TrialContext, method: str, config: MethodConfig, categories: list[str], train_seed: int, key: ModelKey,
+                run_name: str, trial_id: str, resume_from: Path | None, in_trial: bool = True) -> None:
     """Run Ray Train for one model; its reports reach Tune (and ASHA), and its final
     evaluation lands at ``context.evaluation_path``. A ``run_name`` with checkpoints in
     storage resumes from its latest one, else from ``resume_from``."""
@@ -222,14 +230,14 @@ def train_model(context: TrialContext, config: MethodConfig, categories: list[st
     context.evaluation_path(trial_id, key).unlink(missing_ok=True)  # left by an earlier attempt of this trial
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"context": context, "method_config": config, "key": key, "categories": categories, "trial_id": trial_id,
+        train_loop_config={"context": context, "method": method, "method_config": config, "key": key, "categories": categories, "train_seed": train_seed, "trial_id": trial_id,
                            "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.trial.workers, use_gpu=s.trial.gpus > 0,
                                      resources_per_worker={"CPU": s.trial.cpus, **({"GPU": s.trial.gpus} if s.trial.gpus else {})}),
         run_config=RunConfig(name=run_name, storage_path=str(Path(context.storage_path) / "train"),
                              failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()] if in_trial else []),  # outside a trial: nobody to report to
     )
     trainer.fit()
 
@@ -241,14 +249,16 @@ def latest_checkpoint(storage_path: str, key: ModelKey) -> Path | None:
     return found[-1].parent if found else None
 
 
-def ensure_model(context: TrialContext, config: MethodConfig, categories: list[str], owner: str) -> tuple[ModelKey, bool]:
+def ensure_model(context: TrialContext, method: str, config: MethodConfig, categories: list[str], train_seed: int,
+                 owner: str, in_trial: bool = True) -> tuple[ModelKey, bool]:
     """Make sure the model for this training config exists; returns (key, trained_here).
     Coordinated through the key's lease on the shared storage, across sweeps."""
     settings = context.plan.settings
-    key = context.plan.model_key(config, categories)
+    key = context.plan.model_key(method, config, categories, train_seed)
     store = ModelStore(context.storage_path)
     if not settings.reuse_models:  # every trial trains its own copy (measures the train-once gain)
-        train_model(context, config, categories, key, f"train-{key.short}-{owner}", owner, resume_from=None)
+        train_model(context, method, config, categories, train_seed, key, f"train-{key.short}-{owner}", owner, resume_from=None,
+                    in_trial=in_trial)
         return key, True
 
     def ready() -> bool:
@@ -265,8 +275,8 @@ def ensure_model(context: TrialContext, config: MethodConfig, categories: list[s
                     break
                 # A new Train run per attempt, started from the key's latest checkpoint
                 # (a resumed trial finds its own run's checkpoint there too).
-                train_model(context, config, categories, key, f"train-{key.short}-{owner}", owner,
-                            resume_from=None if settings.retrain else latest_checkpoint(context.storage_path, key))
+                train_model(context, method, config, categories, train_seed, key, f"train-{key.short}-{owner}", owner,
+                            resume_from=None if settings.retrain else latest_checkpoint(context.storage_path, key), in_trial=in_trial)
                 if not store.exists(key):
                     raise RuntimeError(f"training of model {key.short} finished without publishing weights")
                 return key, True
@@ -280,24 +290,45 @@ def ensure_model(context: TrialContext, config: MethodConfig, categories: list[s
     return key, False
 
 
-def evaluate_stored(context: TrialContext, config: MethodConfig, categories: list[str], key: ModelKey, trial_id: str) -> ModelEvaluation:
+def pretrain(context: TrialContext, models: list[tuple[str, MethodConfig, list[str], int]]) -> None:
+    """Train ``models`` (see :meth:`SweepPlan.pretrain_models`) before the trials, at most
+    ``max_concurrent`` at once, each coordinated through its key's lease like a trial's
+    training (another sweep may be training it). Each runs as a tiny driver task whose
+    Ray Train workers take the trial resources, as a trial's would."""
+    task = ray.remote(num_cpus=0, memory=TRIAL_DRIVER_MEMORY, max_retries=0)(_pretrain_one)
+    waiting, running, limit = list(models), [], max(1, context.plan.settings.max_concurrent)
+    log.info("training %d models in parallel (at most %d at once) before the trials", len(models), limit)
+    while waiting or running:
+        while waiting and len(running) < limit:
+            running.append(task.remote(context, *waiting.pop(0)))
+        done, running = ray.wait(running, num_returns=1)
+        ray.get(done)
+
+
+def _pretrain_one(context: TrialContext, method: str, config: MethodConfig, categories: list[str], train_seed: int) -> None:
+    ensure_model(context, method, config, categories, train_seed, owner=f"pretrain-{'+'.join(categories)}-{train_seed}", in_trial=False)
+
+
+def evaluate_stored(context: TrialContext, method: str, config: MethodConfig, categories: list[str], train_seed: int, key: ModelKey,
+                    trial_id: str) -> ModelEvaluation:
     """Load a stored model and evaluate it (a Ray task with the trial's resources, for
     trials that did not train their model themselves)."""
     plan = context.plan
     device = torch.device("cuda" if plan.settings.trial.gpus > 0 and torch.cuda.is_available() else "cpu")
     state, meta = ModelStore(context.storage_path).load(key)
-    model = build_model(plan.method, config)
+    model = build_model(method, config)
     model.load_state_dict(state)
     model.to(device)
     datas = load_datas(plan.data, categories, config)
-    return evaluate_model(model, datas, plan.evaluation, device, context.trial_dir(trial_id), meta.get("train_seconds", 0.0))
+    return evaluate_model(model, datas, replace(plan.evaluation, seed=train_seed), device, context.trial_dir(trial_id),
+                          meta.get("train_seconds", 0.0))
 
 
 def run_trial(trial_config: dict[str, Any], context: TrialContext) -> None:
     """The Tune function trainable: train what is missing, evaluate, report a TrialResult."""
     trial_id = tune.get_context().get_trial_id()
     plan = context.plan
-    config = plan.method_config(trial_config)
+    method, config, train_seed = plan.method_of(trial_config), plan.method_config(trial_config), plan.train_seed(trial_config)
     s = plan.settings
     # Scheduled outside the trial's placement group (which holds only the trial's tiny
     # driver bundle), with the trial's own resources, like Ray Train's workers.
@@ -305,13 +336,13 @@ def run_trial(trial_config: dict[str, Any], context: TrialContext) -> None:
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     models, keys, trained = [], [], 0
     for categories in plan.model_groups(trial_config):
-        key, trained_here = ensure_model(context, config, categories, owner=trial_id)
+        key, trained_here = ensure_model(context, method, config, categories, train_seed, owner=trial_id)
         trained += int(trained_here)
         keys.append(key.short)
         handed_over = context.evaluation_path(trial_id, key)
         # A training interrupted after its last epoch (then resumed) may not have evaluated.
         models.append(model_evaluation_from_json(handed_over.read_text()) if trained_here and handed_over.exists()
-                      else ray.get(evaluate.remote(context, config, categories, key, trial_id)))
+                      else ray.get(evaluate.remote(context, method, config, categories, train_seed, key, trial_id)))
     tune.report(tune_report(TrialResult(models=models, model_keys=keys, models_trained=trained)))
 
 
@@ -319,10 +350,12 @@ def run_trial(trial_config: dict[str, Any], context: TrialContext) -> None:
 
 
 def trial_name(trial_config: dict[str, Any]) -> str:
-    """A child run's name: the point (or sampled values) and the category, e.g. ``steps=5 · washer``."""
+    """A child run's name: the point (or sampled values), the category and the training
+    seed of a ``seeds=N`` sweep, e.g. ``steps=5 · washer · seed 1``."""
     parts = [str(trial_config["point"])] if "point" in trial_config else [
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial_config.items() if k != "category"]
-    return " · ".join(parts + ([trial_config["category"]] if "category" in trial_config else []))
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial_config.items() if k not in ("category", "train_seed")]
+    parts += [trial_config["category"]] if "category" in trial_config else []
+    return " · ".join(parts + ([f"seed {trial_config['train_seed']}"] if "train_seed" in trial_config else []))
 
 
 class MLflowCallback(tune.Callback):
@@ -369,9 +402,12 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], OptunaSearch | None]:
         params: dict[str, Any] = {"point": tune.grid_search([p.label for p in plan.points])}
         if plan.per_category_trials:
             params["category"] = tune.grid_search(list(plan.categories))
+        if len(plan.training_seeds) > 1:
+            params["train_seed"] = tune.grid_search(list(plan.training_seeds))
         return params, None
+    sampler = spaces.tpe_sampler(plan.settings.num_samples or space.num_samples, plan.settings.seed)
     search = OptunaSearch(metric=space.metric, mode=space.mode, points_to_evaluate=list(space.points_to_evaluate) or None,
-                          seed=plan.settings.seed)
+                          sampler=sampler)
     return {a.name: distribution(a) for a in space.axes}, search
 
 

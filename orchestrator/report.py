@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import search_space as spaces
+from orchestrator import selection as stats
 from orchestrator import tracking
 from orchestrator.config import Settings, config_to_dict, flatten, resolve_method_config
 from orchestrator.errors import ConfigError, UserError
@@ -291,7 +292,9 @@ def shown_metrics(space: spaces.SearchSpace) -> list[str]:
 class RowStats:
     """One sweep's table rows: per row, each metric's mean over categories (×100 where a
     fraction), the validation metric, finished/failed trial counts and the categories
-    without a finished result; per row and category the per-category metrics."""
+    without a finished result; per row and category the per-category metrics. A
+    ``seeds=N`` sweep has one such table per training seed in ``per_seed``; ``values`` is
+    their mean."""
 
     values: pd.DataFrame  # row x (metric keys, "val")
     finished: dict[str, int]
@@ -299,20 +302,15 @@ class RowStats:
     missing: dict[str, list[str]]
     categories: dict[str, pd.DataFrame]  # metric key -> row x category
     stopped: dict[str, int] = field(default_factory=dict)  # trials stopped early by the scheduler (ASHA)
+    per_seed: list[pd.DataFrame] = field(default_factory=list)  # one values table per training seed
 
     @property
     def rows(self) -> list[str]:
         return list(self.values.index)
 
 
-def row_stats(space: spaces.SearchSpace, sweep: Sweep) -> RowStats:
-    trials = sweep.trials.copy()
-    if trials.empty:
-        return RowStats(pd.DataFrame(), {}, {}, {}, {})
-    trials["row"] = row_labels(space, trials)
-    done = trials[trials["status"] == "FINISHED"]
-    categories = sweep.categories
-    rows = sorted(set(trials["row"]))
+def _row_values(space: spaces.SearchSpace, done: pd.DataFrame, rows: list[str], categories: list[str]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Per row, each metric's mean over categories, and per metric the row x category table."""
     values = pd.DataFrame(index=pd.Index(rows, name="Condition"), dtype=float)
     per_cat: dict[str, pd.DataFrame] = {}
     for key, spec in PAPER_METRICS.items():
@@ -327,13 +325,29 @@ def row_stats(space: spaces.SearchSpace, sweep: Sweep) -> RowStats:
             values[key] = (spec.scale * done.groupby("row")[column].mean()).reindex(rows) if column in done else np.nan
     selection = f"metrics.{space.metric}"
     values["val"] = (100 * done.groupby("row")[selection].mean()).reindex(rows) if selection in done else np.nan
+    return values, per_cat
+
+
+def row_stats(space: spaces.SearchSpace, sweep: Sweep) -> RowStats:
+    trials = sweep.trials.copy()
+    if trials.empty:
+        return RowStats(pd.DataFrame(), {}, {}, {}, {})
+    trials["row"] = row_labels(space, trials)
+    done = trials[trials["status"] == "FINISHED"]
+    categories = sweep.categories
+    rows = sorted(set(trials["row"]))
+    values, per_cat = _row_values(space, done, rows, categories)
+    seeds = sorted(done["params.train_seed"].dropna().unique()) if "params.train_seed" in done else []
+    per_seed = [_row_values(space, done[done["params.train_seed"] == seed], rows, categories)[0] for seed in seeds] if len(seeds) > 1 else []
+    if per_seed:
+        values = pd.concat(per_seed).groupby(level=0).mean().reindex(rows)  # a seed without a value is skipped
     det = per_cat["det"]
     missing = {r: [c for c in categories if pd.isna(det.at[r, c])] for r in rows}
     finished = {r: int((done["row"] == r).sum()) for r in rows}
     failed = {r: int(((trials["row"] == r) & (trials["status"] == "FAILED")).sum()) for r in rows}
     early = done["tags.stopped_early"] == "true" if "tags.stopped_early" in done else pd.Series(False, index=done.index)
     stopped = {r: int(((done["row"] == r) & early).sum()) for r in rows}
-    return RowStats(values, finished, failed, missing, per_cat, stopped)
+    return RowStats(values, finished, failed, missing, per_cat, stopped, per_seed)
 
 
 @dataclass
@@ -366,10 +380,11 @@ def combine(space: spaces.SearchSpace, selection: Selection, default: str | None
     finished, failed, stopped, missing = dict.fromkeys(rows, 0), dict.fromkeys(rows, 0), dict.fromkeys(rows, 0), {r: [] for r in rows}
     for st in stats:
         for r in st.rows:
-            for key in st.values.columns:
-                v = st.values.at[r, key]
-                if pd.notna(v):
-                    values[r].setdefault(key, []).append(float(v))
+            for table in st.per_seed or [st.values]:  # one value per (sweep, training seed)
+                for key in table.columns:
+                    v = table.at[r, key]
+                    if pd.notna(v):
+                        values[r].setdefault(key, []).append(float(v))
             finished[r] += st.finished[r]
             failed[r] += st.failed[r]
             stopped[r] += st.stopped.get(r, 0)
@@ -383,6 +398,80 @@ def combine(space: spaces.SearchSpace, selection: Selection, default: str | None
         frames = [st.categories[key] for st in stats if key in st.categories]
         categories[key] = pd.concat(frames).groupby(level=0).mean().reindex(rows) if frames else pd.DataFrame()
     return Combined(rows, values, finished, failed, missing, categories, set(rows) - ran, stopped)
+
+
+def seeds_of(combined: Combined, row: str, key: str = "det") -> int:
+    """How many (sweep, training seed) values a row's metric is the mean of."""
+    return len(combined.values.get(row, {}).get(key) or [])
+
+
+def noise_mark(combined: Combined, row: str, default: str | None, key: str = "det") -> str:
+    """Whether a row's Δ to the default row is beyond the seed noise (see
+    :func:`orchestrator.selection.noise_verdict`); "" for the default row itself."""
+    if default is None or row == default or row not in combined.rows or default not in combined.rows:
+        return ""
+    delta = combined.mean(row, key) - combined.mean(default, key)
+    if math.isnan(delta):
+        return ""
+    n = min(seeds_of(combined, row, key), seeds_of(combined, default, key))
+    return stats.noise_verdict(delta, combined.std(row, key) or 0.0, combined.std(default, key) or 0.0, max(n, 1)).value
+
+
+def test_key_of(selection_metric: str) -> str | None:
+    """The report key of the test metric of the selection metric's kind (val_image_auroc -> det)."""
+    kind = selection_metric.removeprefix("val_")
+    return next((k for k, spec in PAPER_METRICS.items() if spec.column == metric_name("test", kind)), None)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How well the selection metric ranks a sweep's rows as the test does."""
+
+    selection_metric: str
+    test_metric: str
+    rows: int
+    tau: float
+    interval: tuple[float, float] | None
+    regret: float  # test points lost by the validation-best row
+    saturated: bool
+    seeds: int
+
+    def text(self) -> str:
+        interval = f" (95 % bootstrap interval {self.interval[0]:+.2f} … {self.interval[1]:+.2f})" if self.interval else ""
+        tau = "undefined (a constant column)" if math.isnan(self.tau) else f"{self.tau:+.2f}{interval}"
+        verdict = (f" SATURATED: its spread across rows is below {'the seed noise' if self.seeds > 1 else '0.5 point'}, "
+                   "so it cannot tell these rows apart." if self.saturated else "")
+        return (f"Selection on the validation split ({self.selection_metric}) vs test ({self.test_metric}) over {self.rows} rows: "
+                f"Kendall τ {tau}; test regret of the validation-best row {self.regret:.1f} points.{verdict}")
+
+
+def agreement(space: spaces.SearchSpace, combined: Combined) -> Agreement | None:
+    """Kendall τ (with a bootstrap interval), test regret and saturation of the selection
+    metric over the rows that have both values; None with fewer than two such rows."""
+    key = test_key_of(space.metric)
+    if key is None:
+        return None
+    rows = [r for r in combined.rows if not math.isnan(combined.mean(r, "val")) and not math.isnan(combined.mean(r, key))]
+    if len(rows) < 2:
+        return None
+    val = [combined.mean(r, "val") for r in rows]
+    test = [combined.mean(r, key) for r in rows]
+    seed_stds = [sd for r in rows if (sd := combined.std(r, "val")) is not None]
+    seeds = max(seeds_of(combined, r, "val") for r in rows)
+    # Both in report points (×100): 0.5 point is the smallest spread one seed can resolve.
+    saturated = stats.is_saturated(val, seed_stds if seeds > 1 else None, min_spread=100 * stats.HALF_POINT)
+    return Agreement(space.metric, PAPER_METRICS[key].column, len(rows), stats.kendall_tau_b(val, test),
+                     stats.bootstrap_tau_interval(val, test, seed=0), stats.regret_on_test(val, test, space.mode), saturated, seeds)
+
+
+def agreement_lines(space: spaces.SearchSpace, uri: str, sweep: str) -> list[str]:
+    """The agreement of one finished sweep, a line per dataset (printed at the end of a sweep)."""
+    lines = []
+    for sel in select(all_sweeps(space.name, uri), sweep):
+        comb = combine(space, sel, default_label(space, sel.identity.scale or space.scale))
+        agreed = agreement(space, comb)
+        lines.append(f"{dataset_title(sel.dataset)}: " + (agreed.text() if agreed else "fewer than two rows with validation and test values: no agreement to measure"))
+    return lines
 
 
 def expected_rows(space: spaces.SearchSpace) -> list[str]:
@@ -503,6 +592,11 @@ def build_table(space: spaces.SearchSpace, selections: list[Selection]) -> tuple
         table[f"{name} val"] = [_fmt_pm(comb.mean(r, "val"), comb.std(r, "val")) if r in comb.rows else "" for r in rows]
         table[f"{name} trials"] = [str(comb.finished[r]) if r in comb.rows else "" for r in rows]
         table[f"{name} flags"] = [_flags(comb, r) if r in comb.rows else "" for r in rows]
+        if has_base:
+            table[f"{name} Δ Det. vs seed noise"] = [noise_mark(comb, r, default) for r in rows]
+        agreed = agreement(space, comb)
+        if agreed:
+            best_notes.append(f"{name}: {agreed.text()}")
         if space.search == "optuna":
             vals = {r: comb.mean(r, "val") for r in comb.rows if not math.isnan(comb.mean(r, "val"))}
             if vals:
@@ -776,6 +870,10 @@ LEADERBOARD_RULES = [
     "Det. = image AUROC, Loc. = AUPRO (FPR ≤ 0.3), pix. = pixel-level, ×100, mean over the categories with a result, "
     "test split; img/s = batched inference throughput. paper = the paper's default-row number on this dataset.",
     "Smoke-scale rows are CPU smoke runs on small images, not comparable with the papers' numbers.",
+    "Selection: none here — every row is a default configuration, nothing on this page was chosen by a metric. Where an "
+    "ablation selects (Optuna, 'best' rows), it selects on the validation split (held-out normals plus defects from "
+    "orchestrator/data/validation_defects.py, a family no method trains on), and its page reports Kendall's τ between "
+    "the selection metric and the test, the test regret of its choice and whether the selection metric is saturated.",
 ]
 
 
@@ -884,7 +982,8 @@ def _comparison_table(space: spaces.SearchSpace, sel: Selection, comb: Combined,
                     cells.append(_cell(_fmt(delta, 1, sign=True), "num " + ("neg" if delta is not None and delta < 0 else "pos")))
         val = comb.mean(r, "val")
         rows.append({"label": r, "default": r == default or space.is_benchmark, "cells": cells,
-                     "val": _fmt_pm(val, comb.std(r, "val")), "trials": comb.finished[r], "flags": _flags(comb, r)})
+                     "val": _fmt_pm(val, comb.std(r, "val")), "trials": comb.finished[r], "flags": _flags(comb, r),
+                     "noise": noise_mark(comb, r, default)})
     return {"groups": groups, "rows": rows, "paper_here": paper_here}
 
 
@@ -971,6 +1070,8 @@ def _ablation_page(name: str, uri: str, site: Path, ui_url: str | None, pinned: 
             "categories": _category_tables(space, comb, sel.newest.categories),
             "maps": _sample_maps(space, sel.newest, uri, asset_dir / "maps", f"{name}/maps", comb.rows, ui_url),
             "warnings": [f"{r}: {_flags(comb, r)}" for r in comb.rows if _flags(comb, r)],
+            "agreement": agreement(space, comb),
+            "seeds": max([seeds_of(comb, r) for r in comb.rows] or [1]),
         })
     _, _, notes, _ = build_table(space, selections)
     experiment = sweeps[0].experiment

@@ -25,7 +25,16 @@ from methods.base import field_docs
 from orchestrator.errors import ConfigError
 from orchestrator.results import VALIDATION_METRICS
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _spaces_dir() -> Path:
+    """The built-in spaces: the copy a wheel ships inside the package (pyproject.toml maps
+    search_spaces/ to orchestrator/search_spaces), else the repository's search_spaces/ (a
+    source checkout or an editable install, where edits to the YAMLs take effect at once)."""
+    packaged = Path(__file__).resolve().parent / "search_spaces"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 METRICS = VALIDATION_METRICS  # a sweep optimises validation metrics only
 DISTRIBUTIONS = ("grid", "uniform", "loguniform", "int", "choice")
 TOP_KEYS = {
@@ -286,3 +295,18 @@ def _space(name: str, raw: dict[str, Any], fail, *, method: str, fixed: dict[str
         paper=dict(raw.get("paper") or {}),
         methods=methods,
     )
+
+
+def startup_trials(num_samples: int) -> int:
+    """Random trials before TPE starts modelling: a third of the budget, at least 2."""
+    return max(2, num_samples // 3)
+
+
+def tpe_sampler(num_samples: int, seed: int):
+    """The Optuna sampler of a ``search: optuna`` sweep of ``num_samples`` trials: TPE,
+    seeded with the sweep seed so a rerun proposes the same points."""
+    import optuna  # only Optuna sweeps need it
+
+    # TPE's default of 10 random start-up trials would leave at most 2 guided proposals in
+    # the shipped 8-12-trial spaces: a random search that calls itself TPE.
+    return optuna.samplers.TPESampler(n_startup_trials=startup_trials(num_samples), seed=seed)

@@ -121,9 +121,11 @@ def package_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in ("torch", "diffusers")}
 
 
-def model_key(method: str, method_config: MethodConfig, data: DataSpec, categories: list[str], workers: int = 1) -> ModelKey:
+def model_key(method: str, method_config: MethodConfig, data: DataSpec, categories: list[str], workers: int = 1,
+              train_seed: int | None = None) -> ModelKey:
     """The key of the model trained from these inputs. ``workers`` (DDP ranks) is part of
-    it: each rank draws its own synthetic anomalies and augmentations."""
+    it: each rank draws its own synthetic anomalies and augmentations. ``train_seed``
+    (default: the data seed) seeds the training; ``seeds=N`` sweeps train one model each."""
     training = training_fields(method_config)
     root = data.resolved_root()
     inputs = {
@@ -135,6 +137,7 @@ def model_key(method: str, method_config: MethodConfig, data: DataSpec, categori
         "categories": list(categories),
         "val_fraction": data.val_fraction,
         "seed": data.seed,
+        "train_seed": data.seed if train_seed is None else train_seed,
         "foreground": data.foreground,
         "textures": str(Path(data.textures).resolve()) if data.textures else None,
         "textures_manifest": dataset_manifest(str(Path(data.textures).resolve())) if data.textures else None,

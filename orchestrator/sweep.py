@@ -5,6 +5,7 @@
     python -m orchestrator.sweep ablation=transfusion_steps scale=paper dataset=mvtec_ad \\
         data.root=/data/mvtec categories=[bottle,carpet] trial.gpus=1 trial.workers=2
     python -m orchestrator.sweep ablation=transfusion_steps resume=true   # finish an interrupted sweep
+    python -m orchestrator.sweep ablation=transfusion_steps dry_run=true  # print the plan, start nothing
     ray job submit --working-dir . -- python -m orchestrator.sweep ablation=transfusion_steps
     python -m orchestrator.sweep --help
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import search_space as spaces
-from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, settings_keys
+from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, redact_uri, settings_keys
 from orchestrator.errors import ConfigError, UserError
 from orchestrator.leases import Lease
 from orchestrator.plan import SweepPlan, plan, sweep_prefix
@@ -42,20 +43,28 @@ def print_help(ablation: str | None) -> None:
         print("\n".join(describe_method_fields(method)))
 
 
-def prepare_data(sweep: SweepPlan) -> None:
+def prepare_data(sweep: SweepPlan) -> dict[str, dict[str, int]]:
     """Decode and cache every category once, here, before trials start: errors surface
-    before Ray does, and concurrent trials never race to build the same cache."""
+    before Ray does, and concurrent trials never race to build the same cache. Returns
+    the split sizes per category (for the runs' MLflow dataset input)."""
     from orchestrator.training import load_datas
 
-    datas = load_datas(sweep.data, sweep.categories, sweep.default_config)
-    sweep.data.texture_bank(datas[0].train_images.shape[-1])
+    configs = [p.config for p in sweep.points] or [sweep.default_config]
+    splits: dict[str, dict[str, int]] = {}
+    for size in sorted({(c.image_size, c.crop_size) for c in configs}, key=str):  # a benchmark's methods differ in size
+        config = next(c for c in configs if (c.image_size, c.crop_size) == size)
+        datas = load_datas(sweep.data, sweep.categories, config)
+        sweep.data.texture_bank(datas[0].train_images.shape[-1])
+        splits = {d.category: {"train": len(d.train_images), "val": len(d.val_images), "test": len(d.test_images)} for d in datas}
+    return splits
 
 
 def trial_params(sweep: SweepPlan, trial_config: dict[str, Any]) -> dict[str, Any]:
     """A child run's MLflow params: its resolved method config, flattened, and what it ran on."""
     s = sweep.settings
     params = flatten({"method": config_to_dict(sweep.method_config(trial_config))})
-    params.update({"method": sweep.method, "ablation": sweep.space.name, "dataset": s.dataset, "scale": sweep.scale, "seed": s.seed,
+    params.update({"method": sweep.method_of(trial_config), "ablation": sweep.space.name, "dataset": s.dataset, "scale": sweep.scale, "seed": s.seed,
+                   "train_seed": sweep.train_seed(trial_config),
                    "categories": trial_config.get("category") or ",".join(sweep.categories),
                    "trial.workers": s.trial.workers, "trial.cpus": s.trial.cpus, "trial.gpus": s.trial.gpus})
     if sweep.space.conditions:
@@ -64,7 +73,7 @@ def trial_params(sweep: SweepPlan, trial_config: dict[str, Any]) -> dict[str, An
 
 
 def sweep_tags(sweep: SweepPlan, git_commit: str) -> dict[str, str]:
-    return {"ablation": sweep.space.name, "dataset": sweep.settings.dataset, "scale": sweep.scale, "method": sweep.method,
+    return {"ablation": sweep.space.name, "dataset": sweep.settings.dataset, "scale": sweep.scale, "method": ",".join(sweep.methods),
             "git_commit": git_commit, "search": sweep.space.search, "selection_metric": sweep.space.metric,
             "method_overrides": " ".join(f"method.{k}={v}" for k, v in sorted(sweep.method_overrides.items())) or "none"}
 
@@ -79,10 +88,13 @@ def run(tokens: list[str]) -> dict[str, Any]:
 
     # 1. plan: every trial's method config resolved and checked before anything starts
     sweep = plan(values, method_overrides)
+    if sweep.settings.dry_run:
+        print("\n".join(sweep.describe()))
+        return {"dry_run": True}
     for reason in sweep.skipped:
         log.warning("skipping grid point %s", reason)
     # 2. data: decoded and cached once
-    prepare_data(sweep)
+    splits = prepare_data(sweep)
 
     # Ray and MLflow are imported only now: a bad command line fails in a second.
     from orchestrator import ray_backend
@@ -106,12 +118,13 @@ def run(tokens: list[str]) -> dict[str, Any]:
                           "wait for it or stop it first")
     lease.hold()
     try:
-        return run_sweep(sweep, tokens, storage, sweeps_root, sweep_name, resume_dir is not None)
+        return run_sweep(sweep, tokens, storage, sweeps_root, sweep_name, resume_dir is not None, splits)
     finally:
         lease.release()
 
 
-def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: Path, sweep_name: str, resume: bool) -> dict[str, Any]:
+def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: Path, sweep_name: str, resume: bool,
+              splits: dict[str, dict[str, int]]) -> dict[str, Any]:
     from orchestrator import ray_backend, report, tracking
 
     s = sweep.settings
@@ -125,18 +138,31 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: P
         log.warning("sweep %s had died (its lease expired): its RUNNING runs are marked KILLED", name)
     parent = tracking.SweepRun(uri, sweep.space.name)
     parent.open(sweep_name, {**sweep_tags(sweep, tracking.git_commit()), "storage": str(storage)},
-                {**flatten({"settings": config_to_dict(s)}), "categories": ",".join(sweep.categories),
+                {**{k: redact_uri(v) for k, v in flatten({"settings": config_to_dict(s)}).items()}, "categories": ",".join(sweep.categories),
                  "skipped_points": "; ".join(sweep.skipped) or "none"}, resume=resume)
     parent.log_artifact(sweep.space.source, "config")
+    # MLflow writes that failed (an outage) were kept here; an earlier run of this sweep may have left some.
+    spool = tracking.Spool(storage / "mlflow-spool" / f"{sweep_name}.jsonl")
+    replay_spool(spool, parent.client)
     recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, functools.partial(trial_params, sweep),
-                                      {"ablation": sweep.space.name, "dataset": s.dataset})
+                                      {"ablation": sweep.space.name, "dataset": s.dataset},
+                                      tracking.dataset_description(s.dataset, s.data.root, splits, seed=s.seed,
+                                                                   val_fraction=s.data.val_fraction, foreground=s.data.foreground),
+                                      spool)
 
     # 4. Tune
     context = ray_backend.TrialContext(plan=sweep, sweep_name=sweep_name, storage_path=str(storage),
                                        artifact_dir=str(storage / "artifacts" / sweep_name))
+    models = sweep.pretrain_models()
+    if models:
+        try:
+            ray_backend.pretrain(context, models)
+        except Exception as exc:  # noqa: BLE001 - the trials train what is missing and report their own errors
+            log.warning("training the models before the trials failed (%s); the trials train them", str(exc).splitlines()[0])
     outcomes = ray_backend.run_sweep(context, sweep_name, sweeps_root, recorder, resume=resume)
 
     # 5. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable
+    replay_spool(spool, parent.client)
     states = parent.trial_states()
     failed = [o for o in outcomes if o.error or states.get(o.trial_id) == "failed"]
     unfinished = [o for o in outcomes if o not in failed and states.get(o.trial_id) not in ("finished", "stopped")]
@@ -158,11 +184,21 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: P
         print(f"  failed trial {o.path}: {o.error}")
     if written:
         print(f"report: {written[0]}")
+    for line in report.agreement_lines(sweep.space, uri, sweep_name):
+        print(f"selection check, {line}")
     site = Path("reports") / "site" / "index.html"
     if site.exists():
         print(f"report site: {site.resolve()}")
     print(tracking.review_hint(uri, parent.experiment, parent.run_id))
     return summary
+
+
+def replay_spool(spool, mlflow_client) -> None:
+    replayed, kept = spool.replay(mlflow_client)
+    if replayed:
+        log.info("replayed %d MLflow writes kept during an outage", replayed)
+    if kept:
+        log.warning("%d MLflow writes still fail; they stay in %s and `resume=true` replays them", kept, spool.path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,14 @@ pandas frames, :func:`sweep_experiment` finds a sweep by name, :func:`artifact_p
 :func:`download_artifact` fetch a run's files. Links into the MLflow UI
 (:func:`experiment_url`, :func:`run_url`) open its training-runs view: MLflow 3's UI
 needs ``?workflowType=machine_learning`` for that, so every URL built here carries it.
+
+Artifacts: an experiment's artifact location is fixed when it is created. Without one
+(:func:`experiment_id`'s ``artifact_location=None``) MLflow picks it: ``./mlruns`` of the
+process that created it for a local store (a path other nodes may not see), or
+``mlflow-artifacts:/<id>`` behind ``mlflow server --serve-artifacts``, which proxies to the
+server's ``--artifacts-destination`` (e.g. ``s3://bucket/path``). An explicit
+``s3://...`` location makes clients write to the object store directly (they then need
+``MLFLOW_S3_ENDPOINT_URL`` and AWS credentials themselves).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from orchestrator.config import redact_uri
 from orchestrator.results import TrialResult, is_metric
 
 log = logging.getLogger(__name__)
@@ -64,11 +73,14 @@ def run_url(ui_url: str | None, experiment: str, run_id: str, artifact: str | No
 
 
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {redact_uri(uri)}"
 
 
 def review_hint(uri: str, experiment: str, run_id: str, ui_url: str | None = None) -> str:
-    """What a CLI prints at its end: how to start the UI and the link to the sweep's run."""
+    """What a CLI prints at its end: how to start the UI (a local store) or where it is (a
+    server), and the link to the sweep's run. Credentials in the URI are never printed."""
+    if uri.startswith(("http://", "https://")):
+        return f"review the runs: open {run_url(ui_url or redact_uri(uri), experiment, run_id)}"
     return f"review the runs: {ui_command(uri)}\n  then open {run_url(ui_url, experiment, run_id)}"
 
 
@@ -154,10 +166,71 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(mlflow_client: MlflowClient, name: str) -> str:
-    """Create (once, in the driver, before any trial starts) or fetch the experiment."""
+# ------------------------------------------------------------------------ resilient writes
+
+
+class Spool:
+    """MLflow writes that still fail after retries, kept as JSON lines in ``path`` (under
+    the sweep's storage) and replayed later — at the end of the sweep and when
+    ``resume=true`` restarts it — so an MLflow outage neither fails a sweep nor loses a
+    metric. Retries with backoff come on top of MLflow's own HTTP retries."""
+
+    BACKOFF_S = (1.0, 2.0, 4.0)
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, mlflow_client: MlflowClient, op: str, **args: Any) -> bool:
+        """Apply one write (``op`` names a client method); True when it reached MLflow."""
+        for wait in (*self.BACKOFF_S, None):
+            try:
+                _apply(mlflow_client, op, args)
+                return True
+            except Exception as exc:  # noqa: BLE001 - any failure of the store: retry, then spool
+                if wait is None:
+                    log.warning("MLflow write %s failed (%s); kept in %s for replay", op, str(exc).splitlines()[0][:200], self.path)
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.path, "a") as f:
+                        f.write(json.dumps({"op": op, "args": args}) + "\n")
+                    return False
+                time.sleep(wait)
+        return False
+
+    def replay(self, mlflow_client: MlflowClient) -> tuple[int, int]:
+        """Apply the kept writes in order; returns (replayed, still kept)."""
+        if not self.path.exists():
+            return 0, 0
+        entries = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = []
+        for entry in entries:
+            try:
+                _apply(mlflow_client, entry["op"], entry["args"])
+            except Exception:  # noqa: BLE001 - still unreachable: keep it for the next replay
+                kept.append(entry)
+        if kept:
+            self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        else:
+            self.path.unlink()
+        return len(entries) - len(kept), len(kept)
+
+
+def _apply(mlflow_client: MlflowClient, op: str, args: dict[str, Any]) -> None:
+    if op == "log_batch":  # metrics travel as [key, value, timestamp, step]
+        mlflow_client.log_batch(args["run_id"], metrics=[Metric(*m) for m in args["metrics"]])
+    elif op in ("set_tag", "log_artifact", "set_terminated"):
+        getattr(mlflow_client, op)(**args)
+    else:
+        raise ValueError(f"unknown MLflow write {op!r}")
+
+
+def experiment_id(mlflow_client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """Create (once, in the driver, before any trial starts) or fetch the experiment.
+    ``artifact_location`` (e.g. ``s3://bucket/mlflow/<name>``) applies only when the
+    experiment is created: an existing experiment keeps its own; None = the store's default
+    (``./mlruns`` beside a local store, the server's ``--artifacts-destination`` behind
+    ``mlflow server --serve-artifacts``)."""
     found = mlflow_client.get_experiment_by_name(name)
-    return found.experiment_id if found else mlflow_client.create_experiment(name)
+    return found.experiment_id if found else mlflow_client.create_experiment(name, artifact_location=artifact_location)
 
 
 def _param(value: Any) -> str:
@@ -248,11 +321,12 @@ class TrialRecorder:
     """
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, trial_params: Callable[[dict[str, Any]], dict[str, Any]],
-                 tags: dict[str, str], dataset: dict[str, Any] | None = None):
+                 tags: dict[str, str], dataset: dict[str, Any] | None = None, spool: Spool | None = None):
         self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
         self.trial_params = trial_params
         self.tags = tags
         self.dataset = dataset
+        self.spool = spool
         self.runs: dict[str, str] = {}  # trial_id -> run_id
         self.client = client(uri)
 
@@ -304,20 +378,27 @@ class TrialRecorder:
         stamp = int(time.time() * 1000)
         numbers = {k: float(v) for k, v in reported.items()
                    if is_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in numbers.items()])
+        self._write("log_batch", run_id=run_id, metrics=[[k, v, stamp, step] for k, v in numbers.items()])
         if "result" in reported:
             result = TrialResult.from_json(reported["result"])
-            self.client.set_tag(run_id, "model_keys", ",".join(result.model_keys))
+            self._write("set_tag", run_id=run_id, key="model_keys", value=",".join(result.model_keys))
             for path in result.sample_maps:
                 if Path(path).exists():
-                    self.client.log_artifact(run_id, path, artifact_path="anomaly_maps")
+                    self._write("log_artifact", run_id=run_id, local_path=path, artifact_path="anomaly_maps")
 
     def finish(self, run_id: str, ok: bool, error: str = "", stopped_early: bool = False) -> None:
         if error:
-            self.client.set_tag(run_id, "error", error[:4000])
+            self._write("set_tag", run_id=run_id, key="error", value=error[:4000])
         if stopped_early:
-            self.client.set_tag(run_id, "stopped_early", "true")
-        self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+            self._write("set_tag", run_id=run_id, key="stopped_early", value="true")
+        self._write("set_terminated", run_id=run_id, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+    def _write(self, op: str, **args: Any) -> None:
+        """Through the spool when there is one (retried, kept on failure), else directly."""
+        if self.spool is not None:
+            self.spool.write(self.client, op, **args)
+        else:
+            _apply(self.client, op, args)
 
 
 # ------------------------------------------------------------------------------ reading

@@ -49,3 +49,32 @@ def tiny_sweep(tmp_path_factory, cache_dir):
             ray.shutdown()
     assert summary["failed"] == 0 and summary["trials"] == 4, summary
     return SimpleNamespace(root=root, db=db, uri=f"sqlite:///{db}", summary=summary, ablation="transfusion_final_mask")
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """An initialised empty SQLite MLflow store: creating one runs MLflow's migrations
+    (seconds), copying it does not."""
+    from orchestrator import tracking
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    tracking.client(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def services():
+    """Real services on loopback, started once per session for the long tests (see
+    tests/services.py): a SeaweedFS S3 store with one bucket, PostgreSQL, and an
+    ``mlflow server`` keeping runs in PostgreSQL and artifacts in the bucket. Yields a
+    ``services.Services``: ``tracking_uri``, ``store.endpoint``/``store.bucket``/
+    ``store.client()``, ``postgres.uri``, ``mlflow`` (``stop()``/``start()``: same URL), and
+    ``env`` (MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) for a sweep's process."""
+    from services import Services
+
+    started = Services()
+    try:
+        yield started
+    finally:
+        started.close()

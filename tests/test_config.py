@@ -45,3 +45,24 @@ def test_method_config_layers_and_errors():
     assert "method.no_such_field" in str(err.value) and "method.epochs" in str(err.value)
     with pytest.raises(ConfigError, match="epochs"):
         resolve_method_config("transfusion", "smoke", {"epochs": "lots"})
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql://mlflow:hunter2@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+    ("https://token@mlflow.example/", "https://***@mlflow.example/"),
+    ("s3://bucket/x?access_key=AK&secret_key=SK&region=eu", "s3://bucket/x?access_key=***&secret_key=***&region=eu"),
+    ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),  # nothing to hide: unchanged
+    ("/local/folder", "/local/folder"),
+])
+def test_credentials_never_leave_a_uri(uri, shown):
+    from orchestrator.config import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
+def test_an_unreachable_tracking_server_names_it_without_credentials():
+    from orchestrator.plan import check_tracking_uri
+
+    with pytest.raises(ConfigError, match="is not reachable") as err:
+        check_tracking_uri("http://user:hunter2@127.0.0.1:9")
+    assert "hunter2" not in str(err.value)

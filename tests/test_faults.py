@@ -144,3 +144,128 @@ def test_two_sweeps_sharing_a_store_train_the_model_once(tmp_path, cache_dir, ra
     assert trained == 1
     assert len(list((tmp_path / "ray" / "models").glob("*/versions/*"))) == 1
 
+
+
+def test_two_sweeps_at_once_each_with_its_own_embedded_ray(tmp_path, cache_dir):
+    """Two drivers started together without RAY_ADDRESS: each starts its own embedded Ray
+    (its own temp folder naming its own address, so Ray Train's helpers never see
+    "multiple active Ray instances"); both finish, and neither leaves Ray processes behind."""
+    procs = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        procs.append(start_sweep(tmp_path / name, ["ablation=transfusion_final_mask", "max_concurrent=1",
+                                                   *sweep_args(tmp_path / name, cache_dir, "method.epochs=1")]))
+    outputs = [p.communicate(timeout=1200)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    for name, output in zip(("one", "two"), outputs):
+        # Ray may warn that it sees two instances; it must never fail to pick its own
+        assert "Please specify the one to connect to" not in output
+        trials = children(tmp_path / name, "transfusion_final_mask")
+        assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+    for p in procs:  # the embedded Ray ends with its driver
+        left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert not left, f"processes of driver {p.pid} still running: {left}"
+
+
+class MlflowServer:
+    """`mlflow server` on loopback over a SQLite store, which the test can stop and start."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.proc = folder, port, None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+        self.proc = subprocess.Popen([mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                                      "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+                                      "--artifacts-destination", str(self.folder / "artifacts")],
+                                     cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import urllib.request
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, "mlflow server exited"
+                time.sleep(1)
+        raise AssertionError("mlflow server did not answer in 180 s")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path, 5000 + os.getpid() % 1000)
+    server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path, cache_dir, mlflow_server):
+    """The MLflow server goes away after the first trial and comes back 20 s later: writes
+    in between are retried (MLflow's and ours) or kept under the storage and replayed, so
+    the sweep finishes and every trial has its run, status and test metrics."""
+    args = ["ablation=transfusion_final_mask", "max_concurrent=1",
+            *sweep_args(tmp_path, cache_dir, "method.epochs=1"), f"tracking_uri={mlflow_server.url}"]
+    proc = start_sweep(tmp_path, args)
+    mlflow.set_tracking_uri(mlflow_server.url)
+
+    def one_finished() -> bool:
+        try:
+            frame = mlflow.search_runs(experiment_names=["transfusion_final_mask"])
+        except Exception:
+            return False
+        return "tags.kind" in frame and ((frame["tags.kind"] == "trial") & (frame["status"] == "FINISHED")).any()
+
+    wait_for(one_finished, proc, 900, "the first finished trial")
+    mlflow_server.stop()
+    time.sleep(20)
+    mlflow_server.start()
+    output = proc.communicate(timeout=1200)[0]
+    assert proc.returncode == 0, output[-3000:]
+    frame = mlflow.search_runs(experiment_names=["transfusion_final_mask"])
+    parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
+    assert len(parents) == 1 and (parents["status"] == "FINISHED").all()
+    assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+    assert trials["metrics.test_image_auroc"].notna().all() and trials["metrics.val_image_auroc"].notna().all()
+    assert not list((tmp_path / "ray" / "mlflow-spool").glob("*.jsonl"))  # everything reached MLflow
+
+
+def test_asha_stopped_trials_are_finished_trials(tmp_path, cache_dir, ray_shutdown, monkeypatch):
+    """A small ASHA space (given as a path): trials ASHA stops early end FINISHED with the
+    tag stopped_early, the sweep is complete (no 'unfinished', exit 0) and reported."""
+    from orchestrator import sweep
+
+    space = tmp_path / "transfusion_asha.yaml"
+    space.write_text("""
+description: "ASHA over TransFusion's learning rate (test)"
+method: transfusion
+dataset: synthetic
+categories: [washer]
+scale: smoke
+axes:
+  learning_rate: {loguniform: [1.0e-6, 1.0e-2]}
+search: optuna
+num_samples: 4
+points_to_evaluate: [{learning_rate: 1.0e-3}]
+metric: val_image_auroc
+mode: max
+asha: {grace_period: 1, max_t: 3, reduction_factor: 2}
+trial: {cpus: 1, gpus: 0, workers: 1}
+""")
+    monkeypatch.chdir(tmp_path)
+    summary = sweep.run([f"ablation={space}", "max_concurrent=1", "eval_every=1", "eval_batch_size=32"]
+                        + sweep_args(tmp_path, cache_dir, "method.epochs=3"))
+    assert summary["trials"] == 4 and summary["failed"] == 0 and summary["unfinished"] == 0, summary
+    frame = runs(tmp_path, "transfusion_asha")
+    parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
+    assert (parents["status"] == "FINISHED").all() and (trials["status"] == "FINISHED").all()
+    stopped = trials["tags.stopped_early"].eq("true") if "tags.stopped_early" in trials else pd.Series(False, index=trials.index)
+    assert stopped.sum() == summary["stopped_early"]
+    assert trials.loc[~stopped, "metrics.test_image_auroc"].notna().all()  # completed trials have their test result
+    assert trials["metrics.train_loss"].notna().all()  # the loss is logged every epoch

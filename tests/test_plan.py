@@ -41,6 +41,59 @@ def test_space_categories_apply_only_to_its_own_dataset(tmp_path, cache_dir):
     assert sweep.categories == ("bottle",)  # the space's synthetic washer is not applied to MVTec AD
 
 
+def test_benchmark_plan_runs_each_method_at_its_defaults(cache_dir):
+    sweep = plan({"ablation": "benchmark_synthetic", "data.cache_dir": str(cache_dir)}, {"epochs": 1, "steps": 3})
+    assert [(p.label, p.method) for p in sweep.points] == [(m, m) for m in sweep.space.methods]
+    assert sweep.methods == sweep.space.methods and not sweep.per_category_trials
+    for p in sweep.points:
+        assert type(p.config).__module__ == f"methods.{p.method}" and p.config.epochs == 1
+        assert sweep.method_of({"point": p.label}) == p.method and sweep.method_config({"point": p.label}) is p.config
+    by_method = {p.method: p for p in sweep.points}
+    assert by_method["transfusion"].config.steps == 3  # method.steps reaches the methods that have the field
+    assert sweep.model_groups({"point": "drdc"}) == [list(sweep.categories)]  # multi-class: one model
+    assert sweep.model_groups({"point": "transfusion"}) == [[c] for c in sweep.categories]
+    keys = {sweep.model_key(p.method, p.config, [sweep.categories[0]], 0).key for p in sweep.points}
+    assert len(keys) == len(sweep.points)
+
+
+def test_models_trials_would_train_in_a_row_are_trained_first_in_parallel(cache_dir):
+    bench = plan({"ablation": "benchmark_synthetic", "data.cache_dir": str(cache_dir)}, {})
+    models = bench.pretrain_models()
+    per_category = [m for m in bench.methods if not bench.model_groups({"point": m}) == [list(bench.categories)]]
+    assert len(models) == len(per_category) * len(bench.categories) + (len(bench.methods) - len(per_category))
+    assert {(m, tuple(c)) for m, _, c, _ in models} >= {("transfusion", (c,)) for c in bench.categories}
+    # Optuna over inference-only axes, several categories: one default model per category
+    lam = plan({"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir), "categories": ["washer", "brick"]}, {})
+    assert [(c, seed) for _, _, c, seed in lam.pretrain_models()] == [(["washer"], 0), (["brick"], 0)]
+    # one model per trial (per-category grid, multi-class Optuna), or models not known in advance: nothing to do first
+    assert plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir)}, {}).pretrain_models() == []
+    assert plan({"ablation": "drdc_gamma", "data.cache_dir": str(cache_dir)}, {}).pretrain_models() == []
+    assert plan({"ablation": "benchmark_synthetic", "data.cache_dir": str(cache_dir), "reuse_models": False}, {}).pretrain_models() == []
+
+
+def test_seeds_repeat_grid_points_with_the_data_split_fixed(cache_dir):
+    sweep = plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir), "seed": 4, "seeds": 3}, {})
+    assert sweep.training_seeds == (4, 5, 6) and sweep.data.seed == 4
+    assert sweep.train_seed({"point": "steps=5"}) == 4 and sweep.train_seed({"point": "steps=5", "train_seed": 6}) == 6
+    point = sweep.points[0]
+    keys = {sweep.model_key(point.method, point.config, ["washer"], s).key for s in sweep.training_seeds}
+    assert len(keys) == 3  # one stored model per training seed
+    with pytest.raises(ConfigError, match="seeds=2 repeats grid points"):
+        plan({"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir), "seeds": 2}, {})
+    with pytest.raises(ConfigError, match="seeds must be in"):
+        plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir), "seeds": 0}, {})
+
+
+@pytest.mark.parametrize("values, overrides, message", [
+    ({"method": "mdps"}, {}, "drop method=mdps"),
+    ({}, {"stepz": 3}, "unknown key 'method.stepz': none of"),
+])
+def test_benchmark_refuses_a_method_or_a_field_no_method_has(cache_dir, values, overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        plan({"ablation": "benchmark_synthetic", "data.cache_dir": str(cache_dir), **values}, overrides)
+    assert "\n" not in str(err.value)
+
+
 def test_invalid_method_value_is_one_line(cache_dir):
     with pytest.raises(ConfigError) as err:
         plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir)}, {"batch_size": 0})

@@ -30,14 +30,6 @@ from orchestrator.results import CategoryEvaluation, ModelEvaluation, TrialResul
 _serial = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An initialised empty SQLite store: creating one runs MLflow's migrations (seconds), copying it does not."""
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    tracking.client(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def uri(tmp_path, empty_store):
     shutil.copyfile(empty_store, tmp_path / "mlflow.db")
@@ -67,6 +59,8 @@ def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]]
 
     def trial_params(config):
         params = {"method": config["method"], "ablation": ablation, "dataset": dataset, "scale": scale, "seed": seed, "categories": config["category"]}
+        if "train_seed" in config:
+            params["train_seed"] = config["train_seed"]
         if space.conditions:
             params["condition"] = config["point"]
         return params
@@ -75,9 +69,8 @@ def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]]
     recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, trial_params, {"ablation": ablation, "dataset": dataset}, dataset=description)
     for label, per_category in rows.items():
         method = label if space.is_benchmark else space.method
-        for category, det in per_category.items():
-            config = {"point": label, "category": category, "method": method}
-            run_id = recorder.run_for(f"{name}/{label}/{category}", f"{label} · {category}", config)
+        for category, det, config in _trials(label, per_category, method):
+            run_id = recorder.run_for(f"{name}/{label}/{category}/{config.get('train_seed')}", f"{label} · {category}", config)
             if det is None:
                 recorder.finish(run_id, ok=False, error="RuntimeError: boom")
                 continue
@@ -90,6 +83,16 @@ def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]]
     parent.finish(status)
     time.sleep(0.02)  # distinct start times
     return name
+
+
+def _trials(label: str, per_category: dict, method: str):
+    """(category, det, trial config) per trial; a list of dets is one trial per training seed."""
+    for category, det in per_category.items():
+        config = {"point": label, "category": category, "method": method}
+        if isinstance(det, list):
+            yield from ((category, d, {**config, "train_seed": seed}) for seed, d in enumerate(det))
+        else:
+            yield category, det, config
 
 
 FINAL_MASK = "transfusion_final_mask"
@@ -148,6 +151,37 @@ def test_seeds_of_one_identity_give_mean_and_std(uri, tmp_path):
     report.write_site(uri, tmp_path / "site")
     page = (tmp_path / "site" / "ablations" / f"{FINAL_MASK}.html").read_text()
     assert "75.0 ± 7.1" in page and "mean ± std over 2 seeds" in page
+
+
+def test_training_seeds_of_one_sweep_give_mean_and_std(uri):
+    rows = {label: {"washer": [0.70 - 0.01 * i, 0.80 - 0.01 * i]} for i, label in enumerate(FM_ROWS)}  # seeds=2
+    fake_sweep(uri, FINAL_MASK, rows)
+    (selection,) = report.select(report.all_sweeps(FINAL_MASK, uri))
+    table, _, _, _ = report.build_table(spaces.load(FINAL_MASK), [selection])
+    assert table.loc[FM_ROWS[0], "Synthetic Det."] == "75.0 ± 7.1" and table.loc[FM_ROWS[0], "Synthetic trials"] == "2"
+    assert table.loc[FM_ROWS[1], "Synthetic Det."] == "-1.0 ± 7.1"
+    assert table.loc[FM_ROWS[1], "Synthetic Δ Det. vs seed noise"] == "within noise"  # |Δ| 1 < 2·√(2·7.1²/2)
+
+
+def test_one_seed_is_never_significant_and_agreement_is_reported(uri, tmp_path):
+    # validation (= det in fake_sweep) ranks the rows as the test does: τ = +1, no regret
+    fake_sweep(uri, FINAL_MASK, {label: {"washer": 0.9 - 0.1 * i} for i, label in enumerate(FM_ROWS)})
+    (selection,) = report.select(report.all_sweeps(FINAL_MASK, uri))
+    space = spaces.load(FINAL_MASK)
+    table, _, notes, default = report.build_table(space, [selection])
+    assert set(table["Synthetic Δ Det. vs seed noise"]) == {"", "n/a"}
+    agreed = report.agreement(space, report.combine(space, selection, default))
+    assert agreed.rows == 4 and agreed.tau == pytest.approx(1.0) and agreed.regret == 0.0 and not agreed.saturated
+    assert any("Kendall τ +1.00" in n for n in notes)
+    report.write_site(uri, tmp_path / "site")
+    assert "Kendall τ +1.00" in (tmp_path / "site" / "ablations" / f"{FINAL_MASK}.html").read_text()
+
+
+def test_a_constant_selection_metric_is_flagged_saturated(uri):
+    fake_sweep(uri, FINAL_MASK, {label: {"washer": 1.0} for label in FM_ROWS})
+    name = report.all_sweeps(FINAL_MASK, uri)[0].name
+    (line,) = report.agreement_lines(spaces.load(FINAL_MASK), uri, name)
+    assert "SATURATED" in line and "undefined" in line
 
 
 # ------------------------------------------------------------------------------ paper vs ours
@@ -331,7 +365,7 @@ def test_runs_carry_system_tags_and_their_dataset_as_an_input(uri):
 def test_shipped_benchmark_spaces_take_the_method_as_axis():
     smoke, paper = spaces.load("benchmark_synthetic"), spaces.load("benchmark_mvtec_ad")
     for space in (smoke, paper):
-        assert space.is_benchmark and space.methods == ("transfusion", "diffusionad", "mdps", "drdc")
+        assert space.is_benchmark and space.methods == ("transfusion", "diffusionad", "mdps", "drdc", "patchcore")
         assert space.grid_points() == [{"method": m} for m in space.methods]
         assert space.point_method({"method": "mdps"}) == ("mdps", {})
         assert space.axis_names == ("method",) and not space.axes and not space.conditions and space.fixed == {}
@@ -375,8 +409,8 @@ def test_benchmark_rows_are_methods_with_their_papers_numbers(uri):
     space = spaces.load("benchmark_mvtec_ad")
     (selection,) = report.select(report.all_sweeps("benchmark_mvtec_ad", uri))
     combined = report.combine(space, selection, None)
-    assert combined.rows == ["transfusion", "diffusionad", "mdps", "drdc"]  # the space's order, every method
-    assert combined.not_run == {"diffusionad"} and report._flags(combined, "diffusionad") == "not run in this sweep"
+    assert combined.rows == ["transfusion", "diffusionad", "mdps", "drdc", "patchcore"]  # the space's order, every method
+    assert combined.not_run == {"diffusionad", "patchcore"} and report._flags(combined, "diffusionad") == "not run in this sweep"
     (board,) = report.leaderboards(uri)
     by_method = {r.method: r for r in board.rows}
     assert by_method["mdps"].rank == 1 and by_method["transfusion"].rank == 2 and by_method["drdc"].failed == 1

@@ -53,7 +53,7 @@ class DataSpec:
 
     def load(self, category: str, preprocess: Preprocess) -> CategoryData:
         return load_category(self.dataset, category, preprocess, root=self.root, cache_dir=self.cache_dir, val_fraction=self.val_fraction,
-                             seed=self.seed, foreground=self.foreground, textures=self.textures, require_test_classes=True)
+                             seed=self.seed, foreground=self.foreground, require_test_classes=True)
 
     def texture_bank(self, size: int):
         return texture_bank(size, cache_dir=self.cache_dir, source=self.textures)
@@ -68,20 +68,20 @@ def list_categories(dataset: str, root: str | Path | None, cache_dir: str | Path
 
 def load_category(dataset: str, category: str, preprocess: Preprocess, *, root: str | Path | None = None,
                   cache_dir: str | Path, val_fraction: float = 0.2, seed: int = 0, foreground: str = "auto",
-                  textures: str | Path | None = None, require_test_classes: bool = False) -> CategoryData:
+                  require_test_classes: bool = False) -> CategoryData:
     """The preprocessed category with its validation split, decoded on the first call and
     read (memory-mapped) from the cache after.
 
     foreground: "auto" (the dataset's object categories get estimated foreground masks,
-    textures all ones), "on" or "off" (force). textures: the folder the validation
-    anomalies' appearances come from (None: offline sources; see :func:`texture_bank`).
+    textures all ones), "on" or "off" (force). The validation anomalies come from
+    :mod:`orchestrator.data.validation_defects`, which uses no texture source.
     require_test_classes: raise DatasetError when the test split lacks normal or anomalous
     images (a sweep's test metrics need both; checked before decoding).
     """
     adapter = get_adapter(dataset)
     mode = ForegroundMode.parse(foreground)
     folder_root = adapter.resolve_root(root, cache_dir)
-    folder = cache_folder(cache_dir, dataset, folder_root, category, preprocess, val_fraction, seed, mode.value, textures)
+    folder = cache_folder(cache_dir, dataset, folder_root, category, preprocess, val_fraction, seed, mode.value)
     label = f"{dataset}/{category}"
     cached = read_cached(folder, dataset, category)
     if cached is not None:
@@ -95,8 +95,7 @@ def load_category(dataset: str, category: str, preprocess: Preprocess, *, root: 
     is_object = mode is ForegroundMode.ON or (mode is ForegroundMode.AUTO and not adapter.is_texture(category))
     log.info("preparing %s at %s: %d train, %d test images (cached in %s)", label, preprocess.tag(), len(files.train), len(files.test), folder)
     decoded = decode_category(files, preprocess, label)
-    bank = texture_bank(preprocess.output_size, cache_dir=cache_dir, source=textures)
-    split = validation_split(decoded.train_images, val_fraction, seed, is_object, bank, label)
+    split = validation_split(decoded.train_images, val_fraction, seed, is_object, label)
     write_cache(folder, build_arrays(decoded, split, is_object), decoded.test_defect_types)
     result = read_cached(folder, dataset, category)
     assert result is not None, f"cache {folder} unreadable right after writing it"

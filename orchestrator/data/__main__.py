@@ -169,7 +169,7 @@ def cmd_prepare(settings: Settings, method: dict[str, Any], extra: dict[str, Any
     for category in tqdm(categories, desc=f"prepare {settings.dataset} {preprocess.tag()}", unit="category", disable=None):
         loaded = spec.load(category, preprocess)
         folder = cache_folder(data.cache_dir, settings.dataset, root, category, preprocess, data.val_fraction, settings.seed,
-                              data.foreground, data.textures)
+                              data.foreground)
         tqdm.write(f"{settings.dataset}/{category} at {preprocess.tag()}: train {len(loaded.train_images)}, val {len(loaded.val_images)}, "
                    f"test {len(loaded.test_images)} -> {folder}")
     print(f"prepared {len(categories)} categor{'y' if len(categories) == 1 else 'ies'} in {Path(data.cache_dir) / 'arrays' / settings.dataset}")

@@ -1,7 +1,7 @@
 """Decode a category once, cache it as .npy, and build its validation split.
 
 Cache key = (format version, dataset, absolute root, category, preprocessing,
-val_fraction, seed, foreground mode, texture source). A category is written into a
+val_fraction, seed, foreground mode). A category is written into a
 temporary folder that is renamed into place when complete, so two processes preparing
 the same category at once cannot expose a half-written cache (the loser of the rename
 discards its copy; both copies are identical, being seeded). Every later call only
@@ -18,37 +18,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from orchestrator.data.foreground import foreground_masks
-from orchestrator.data.images import Preprocess, load_image, load_mask, to_unit_range
+from orchestrator.data.images import Preprocess, load_image, load_mask
 from orchestrator.data.mvtec import CategoryFiles
+from orchestrator.data.validation_defects import make_validation_anomalies
 from orchestrator.errors import DatasetError
 from orchestrator.files import publish_folder, write_file
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when what is cached (or how it is computed) changes
-# Validation anomalies use opacity β ~ U[0.5, 1]: visible like most real defects, but not
-# always opaque, so validation also rewards finding faint ones (TransFusion trains with
-# opaque anomalies, DiffusionAD with β ~ U[0.2, 0.8)); one fixed choice for every method
-# keeps validation scores comparable across methods.
-VAL_OPACITY = (0.5, 1.0)
-MIN_ANOMALY_FRACTION = 1 / 1024  # a synthetic anomaly covering less of the image (16 px at 128²) is drawn again
+FORMAT = 3  # bump when what is cached (or how it is computed) changes; 3: validation defects of orchestrator/data/validation_defects.py
 ARRAYS = ("train_images", "train_foreground", "val_images", "val_masks", "val_labels", "test_images", "test_masks", "test_labels")
 
 
 @dataclass
 class CategoryData:
     """One category, preprocessed, as (memory-mapped) numpy arrays; H = W = the
-    preprocessing's output size. Convert images with :func:`to_unit_range`."""
+    preprocessing's output size. Convert images with :func:`orchestrator.data.images.to_unit_range`."""
 
     dataset: str
     category: str
     train_images: np.ndarray  # uint8 [N, 3, H, W] normal training images (validation normals removed)
     train_foreground: np.ndarray  # uint8 {0,1} [N, 1, H, W]
-    val_images: np.ndarray  # uint8 [V, 3, H, W] held-out normals, then synthetic anomalies made from them
+    val_images: np.ndarray  # uint8 [V, 3, H, W] held-out normals, then validation defects made from them
     val_masks: np.ndarray  # uint8 {0,1} [V, H, W]
     val_labels: np.ndarray  # int64 {0,1} [V]
     test_images: np.ndarray  # uint8 [M, 3, H, W]
@@ -72,10 +66,9 @@ def category_salt(category: str) -> int:
 
 
 def cache_folder(cache_dir: str | Path, dataset: str, root: Path, category: str, preprocess: Preprocess,
-                 val_fraction: float, seed: int, foreground: str, textures: str | Path | None = None) -> Path:
+                 val_fraction: float, seed: int, foreground: str) -> Path:
     """Where a category's arrays live for this key (see the module docstring)."""
-    source = str(Path(textures).expanduser().resolve()) if textures else None
-    ident = json.dumps([FORMAT, dataset, str(Path(root).resolve()), category, preprocess.tag(), float(val_fraction), int(seed), foreground, source])
+    ident = json.dumps([FORMAT, dataset, str(Path(root).resolve()), category, preprocess.tag(), float(val_fraction), int(seed), foreground])
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return Path(cache_dir) / "arrays" / dataset / category / f"{preprocess.tag()}-{digest}"
 
@@ -158,10 +151,10 @@ def decode_category(files: CategoryFiles, preprocess: Preprocess, label: str) ->
     )
 
 
-def validation_split(train_images: np.ndarray, val_fraction: float, seed: int, is_object: bool,
-                     textures: torch.Tensor, label: str = "") -> ValidationSplit:
+def validation_split(train_images: np.ndarray, val_fraction: float, seed: int, is_object: bool, label: str = "") -> ValidationSplit:
     """Hold out ``val_fraction`` of the normal training images (seeded, at least one) and
-    add one synthetic anomaly made from each of them. Takes only training images, so the
+    add one anomaly made from each of them by a generator no method trains on
+    (:mod:`orchestrator.data.validation_defects`). Takes only training images, so the
     validation split cannot depend on the test set."""
     n = len(train_images)
     if not 0 < val_fraction < 1:
@@ -172,7 +165,7 @@ def validation_split(train_images: np.ndarray, val_fraction: float, seed: int, i
     order = np.random.default_rng([seed, category_salt(label)]).permutation(n)
     held, kept = np.sort(order[:n_val]), np.sort(order[n_val:])
     normals = np.ascontiguousarray(train_images[held])
-    anomalous, masks = synthesize_validation_anomalies(normals, foreground_masks(normals, is_object), textures, seed, category_salt(label))
+    anomalous, masks, _ = make_validation_anomalies(normals, foreground_masks(normals, is_object), seed, category_salt(label))
     size = train_images.shape[-1]
     return ValidationSplit(
         train_images=np.ascontiguousarray(train_images[kept]),
@@ -181,28 +174,6 @@ def validation_split(train_images: np.ndarray, val_fraction: float, seed: int, i
         val_labels=np.array([0] * n_val + [1] * n_val, np.int64),
         val_source=held.astype(np.int64),
     )
-
-
-def synthesize_validation_anomalies(normals: np.ndarray, foreground: np.ndarray, textures: torch.Tensor,
-                                    seed: int, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic anomaly per normal (``methods.anomaly_synthesis``, seeded):
-    uint8 images [V, 3, H, W] and uint8 {0,1} masks [V, H, W] (the returned masks > 0.5).
-    A sample whose mask came out empty (or nearly: < MIN_ANOMALY_FRACTION) is drawn again."""
-    from methods.anomaly_synthesis import synthesize_nonempty_anomalies
-
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, salt, 1]).generate_state(1)[0]))
-    images = to_unit_range(normals)
-    fg = torch.from_numpy(np.ascontiguousarray(foreground)).float()
-    min_pixels = max(1, int(MIN_ANOMALY_FRACTION * images.shape[-1] * images.shape[-2]))
-    # After 20 failed rounds the foreground is ignored: a tiny foreground estimate (or
-    # none) must not stall the split.
-    result = synthesize_nonempty_anomalies(images, textures, fg, generator, min_pixels=min_pixels, max_rounds=100,
-                                           texture_pool=True, widen_after=20, opacity=VAL_OPACITY)
-    if not result.found.all():
-        raise RuntimeError(f"could not synthesise a validation anomaly for {int((~result.found).sum())} image(s) in 100 draws")
-    out_images, out_masks = result.images, result.masks
-    uint8 = ((out_images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    return uint8, (out_masks[:, 0] > 0.5).numpy().astype(np.uint8)
 
 
 def build_arrays(decoded: DecodedCategory, split: ValidationSplit, is_object: bool) -> dict[str, np.ndarray]:

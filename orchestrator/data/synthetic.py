@@ -38,6 +38,9 @@ N_TEST_GOOD = 24
 N_TEST_PER_DEFECT = 12
 CATEGORIES = {"brick": ("crack", "stain", "hole"), "gravel": ("scratch", "stain", "missing"), "washer": ("scratch", "spot", "missing_piece")}
 TEXTURES = frozenset({"brick", "gravel"})
+# Every test defect type, so validation defects can be checked to be none of them
+# (tests/test_validation_defects.py).
+TEST_DEFECTS: frozenset[str] = frozenset(d for defects in CATEGORIES.values() for d in defects)
 
 
 def dataset_root(cache_dir: str | Path, seed: int = SEED) -> Path:

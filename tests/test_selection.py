@@ -1,0 +1,124 @@
+"""Selection statistics (orchestrator/selection.py) on hand-made numbers, and the Optuna
+sampler a sweep searches with (orchestrator/search_space.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from orchestrator.search_space import startup_trials, tpe_sampler
+from orchestrator.selection import (
+    NoiseVerdict,
+    bootstrap_tau_interval,
+    is_saturated,
+    kendall_tau_b,
+    noise_verdict,
+    regret_on_test,
+)
+
+# ---------------------------------------------------------------------------- Kendall's τ-b
+
+
+def test_tau_without_ties_by_hand():
+    # x rises throughout; y's 10 pairs: (1,2) (1,3) (4,5) discordant, the other 7 concordant.
+    assert kendall_tau_b([1, 2, 3, 4, 5], [3, 1, 2, 5, 4]) == pytest.approx((7 - 3) / 10)
+    assert kendall_tau_b([1, 2, 3], [1, 2, 3]) == 1.0
+    assert kendall_tau_b([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+def test_tau_b_with_ties_by_hand():
+    # Pairs: (1,2) (1,3) (1,4) concordant, (2,4) discordant, (2,3) tied in x, (3,4) tied in y:
+    # τ-b = (3 - 1) / √((6 - 1)(6 - 1)) = 0.4 (τ-a would divide by all 6 pairs: 0.33).
+    assert kendall_tau_b([1, 2, 2, 3], [1, 3, 2, 2]) == pytest.approx(0.4)
+
+
+def test_tau_b_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x, y = rng.integers(0, 4, 9).astype(float), rng.integers(0, 4, 9).astype(float)  # plenty of ties
+        assert kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y, variant="b").statistic)
+    x = [0.91, 0.93, 0.88, 0.97]
+    y = [0.80, 0.79, 0.85, 0.90]
+    assert kendall_tau_b(x, y) == pytest.approx(stats.kendalltau(x, y).statistic)
+
+
+def test_tau_undefined_and_bad_input():
+    assert math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))  # one sequence constant
+    assert math.isnan(kendall_tau_b([1], [2]))
+    with pytest.raises(ValueError, match="equal length"):
+        kendall_tau_b([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="NaN"):
+        kendall_tau_b([1, float("nan")], [1, 2])
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_tau():
+    x = [0.90, 0.92, 0.85, 0.97, 0.88, 0.95, 0.91]
+    y = [0.80, 0.83, 0.78, 0.90, 0.79, 0.84, 0.86]
+    interval = bootstrap_tau_interval(x, y, seed=3)
+    assert interval == bootstrap_tau_interval(x, y, seed=3)
+    assert interval != bootstrap_tau_interval(x, y, seed=4)
+    low, high = interval
+    assert -1 <= low <= kendall_tau_b(x, y) <= high <= 1
+    # Perfect agreement stays perfect in every resample that has a defined τ.
+    assert bootstrap_tau_interval([1, 2, 3, 4], [5, 6, 7, 8], seed=0) == (1.0, 1.0)
+    assert bootstrap_tau_interval([1, 2], [1, 2], seed=0) is None  # fewer than 3 trials
+
+
+# ---------------------------------------------------------------------------- regret, noise, saturation
+
+
+def test_regret_on_test_max_and_min():
+    val = [0.90, 0.95, 0.80]
+    test = [0.85, 0.70, 0.88]
+    # max: validation picks trial 1 (test 0.70); the test-best is 0.88.
+    assert regret_on_test(val, test, "max") == pytest.approx(0.18)
+    # min (e.g. a loss): validation picks trial 2 (test 0.88); the test-best (min) is 0.70.
+    assert regret_on_test(val, test, "min") == pytest.approx(0.18)
+    assert regret_on_test([0.5, 0.7], [0.6, 0.9], "max") == 0.0
+    assert regret_on_test([0.9, 0.9], [0.6, 0.8], "max") == pytest.approx(0.2)  # a tie picks the first trial
+    with pytest.raises(ValueError, match="max, min"):
+        regret_on_test(val, test, "best")
+
+
+def test_noise_verdict():
+    # 2 √(0.01²/4 + 0.02²/4) = 2 √(0.000125) ≈ 0.02236
+    assert noise_verdict(0.02, 0.01, 0.02, seeds=4) is NoiseVerdict.WITHIN_NOISE
+    assert noise_verdict(-0.023, 0.01, 0.02, seeds=4) is NoiseVerdict.SIGNIFICANT
+    assert noise_verdict(0.5, 0.0, 0.0, seeds=1) is NoiseVerdict.NOT_AVAILABLE
+    assert noise_verdict(0.5, 0.0, 0.0, seeds=1) == "n/a"  # the strings reports print
+    assert NoiseVerdict.WITHIN_NOISE == "within noise" and NoiseVerdict.SIGNIFICANT == "significant"
+
+
+def test_saturation():
+    # One seed: a spread under half a point (0.005 on the stored 0-1 scale) is saturated.
+    assert is_saturated([1.0, 1.0, 0.998])
+    assert not is_saturated([0.91, 0.93, 0.90])
+    # Several seeds: compared with the mean std over rows instead.
+    assert is_saturated([0.91, 0.93, 0.90], seed_stds=[0.03, 0.05])  # spread 0.03 < seed noise 0.04
+    assert not is_saturated([0.91, 0.93, 0.90], seed_stds=[0.01, 0.02])
+
+
+# ---------------------------------------------------------------------------- the Optuna sampler
+
+
+def test_tpe_sampler_for_a_12_trial_space():
+    sampler = tpe_sampler(num_samples=12, seed=7)
+    assert type(sampler).__name__ == "TPESampler"
+    assert sampler._n_startup_trials == 4  # 8 of the 12 trials are proposed by TPE, not 2
+    assert startup_trials(8) == 2 and startup_trials(2) == 2 and startup_trials(30) == 10
+
+
+def test_tpe_sampler_is_seeded():
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def proposals(seed: int) -> list[float]:
+        study = optuna.create_study(sampler=tpe_sampler(num_samples=6, seed=seed))
+        study.optimize(lambda trial: (trial.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=6)
+        return [t.params["x"] for t in study.trials]
+
+    assert proposals(1) == proposals(1)
+    assert proposals(1) != proposals(2)
