@@ -381,6 +381,17 @@ class MLflowCallback(tune.Callback):
         self.recorder.finish(self._run(trial), ok=False, error=str(getattr(trial, "error_file", None) or ""))
 
 
+class ValidatedOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch reads ``result[metric]`` from every result, but a trial that
+    trains reports each epoch's losses and validates only every few epochs: the first
+    report without the metric failed the trial (a KeyError inside Tune). Such results
+    carry nothing for Optuna, so they are skipped; the final result always has it."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if isinstance(self.metric, list) or self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
 def distribution(axis: spaces.Axis):
     """The Tune search domain of an Optuna axis."""
     if axis.kind == "uniform":
@@ -394,7 +405,7 @@ def distribution(axis: spaces.Axis):
     raise ConfigError(f"unknown distribution {axis.kind!r}; valid: {', '.join(spaces.DISTRIBUTIONS)}")
 
 
-def param_space(plan: SweepPlan) -> tuple[dict[str, Any], OptunaSearch | None]:
+def param_space(plan: SweepPlan) -> tuple[dict[str, Any], ValidatedOptunaSearch | None]:
     """Grid: one trial per valid point (and per category for per-category methods).
     Optuna: one distribution per axis, searched by TPE."""
     space = plan.space
@@ -406,7 +417,7 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], OptunaSearch | None]:
             params["train_seed"] = tune.grid_search(list(plan.training_seeds))
         return params, None
     sampler = spaces.tpe_sampler(plan.settings.num_samples or space.num_samples, plan.settings.seed)
-    search = OptunaSearch(metric=space.metric, mode=space.mode, points_to_evaluate=list(space.points_to_evaluate) or None,
+    search = ValidatedOptunaSearch(metric=space.metric, mode=space.mode, points_to_evaluate=list(space.points_to_evaluate) or None,
                           sampler=sampler)
     return {a.name: distribution(a) for a in space.axes}, search
 

@@ -6,6 +6,7 @@ trained once.
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,13 @@ def runs(tmp_path, ablation) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+def why(output: str) -> str:
+    """What a failed sweep's output says: its error lines (a trial's error is logged long
+    before the sweep's closing lines) and its end."""
+    errors = [line for line in output.splitlines() if re.search(r"Error|error:|failed trial|Traceback", line)]
+    return "\n".join(dict.fromkeys(errors))[-6000:] + "\n...\n" + output[-2500:]
+
+
 def wait_for(predicate, proc, seconds, what):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -71,7 +79,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, cache_dir):
         output = proc.communicate(timeout=900)[0]
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 0, why(output)
     trials = children(tmp_path, "transfusion_final_mask")
     assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
     assert trials["metrics.models_trained"].sum() == 1
@@ -100,7 +108,7 @@ def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path, cache_d
 
     resumed = start_sweep(tmp_path, args + ["resume=true"])
     output = resumed.communicate(timeout=900)[0]
-    assert resumed.returncode == 0, output[-3000:]
+    assert resumed.returncode == 0, why(output)
     frame = runs(tmp_path, "transfusion_final_mask")
     parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
     assert len(parents) == 1 and (parents["status"] == "FINISHED").all()
@@ -138,7 +146,7 @@ def test_two_sweeps_sharing_a_store_train_the_model_once(tmp_path, cache_dir, ra
     final = start_sweep(tmp_path, ["ablation=transfusion_final_mask", "max_concurrent=1",
                                    *sweep_args(tmp_path / "final", cache_dir, "method.epochs=2", storage=tmp_path / "ray")], env=ray_head)
     outputs = [p.communicate(timeout=1200)[0] for p in (lam, final)]
-    assert lam.returncode == 0 and final.returncode == 0, [o[-2000:] for o in outputs]
+    assert lam.returncode == 0 and final.returncode == 0, "\n=====\n".join(why(o) for o in outputs)
     trained = children(tmp_path / "lam", "transfusion_lambda")["metrics.models_trained"].sum() + \
         children(tmp_path / "final", "transfusion_final_mask")["metrics.models_trained"].sum()
     assert trained == 1
@@ -156,7 +164,7 @@ def test_two_sweeps_at_once_each_with_its_own_embedded_ray(tmp_path, cache_dir):
         procs.append(start_sweep(tmp_path / name, ["ablation=transfusion_final_mask", "max_concurrent=1",
                                                    *sweep_args(tmp_path / name, cache_dir, "method.epochs=1")]))
     outputs = [p.communicate(timeout=1200)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(why(o) for o in outputs)
     for name, output in zip(("one", "two"), outputs):
         # Ray may warn that it sees two instances; it must never fail to pick its own
         assert "Please specify the one to connect to" not in output
@@ -227,7 +235,7 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path, cache_dir, mlfl
     time.sleep(20)
     mlflow_server.start()
     output = proc.communicate(timeout=1200)[0]
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 0, why(output)
     frame = mlflow.search_runs(experiment_names=["transfusion_final_mask"])
     parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
     assert len(parents) == 1 and (parents["status"] == "FINISHED").all()

@@ -27,6 +27,22 @@ def test_condition_plan_and_optuna_plan(cache_dir):
     assert optuna.points == () and optuna.method_config({"disc_weight": 0.5}).disc_weight == 0.5
 
 
+def test_optuna_takes_a_training_epoch_without_validation(cache_dir):
+    """A trial that trains reports each epoch's losses; validation comes every few epochs.
+    Ray's own OptunaSearch raised KeyError on the first such report and failed the trial."""
+    from orchestrator.ray_backend import param_space
+
+    sweep = plan({"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir), "num_samples": 2}, {})
+    _, search = param_space(sweep)
+    search.set_search_properties(sweep.space.metric, sweep.space.mode, param_space(sweep)[0])
+    search.suggest("t1")
+    search.on_trial_result("t1", {"epoch": 1, "train_loss": 0.5, "training_iteration": 1})  # no metric: skipped
+    search.on_trial_result("t1", {sweep.space.metric: 0.9, "training_iteration": 2})
+    search.on_trial_complete("t1", {sweep.space.metric: 0.9, "training_iteration": 2})
+    (trial,) = search._ot_study.get_trials()
+    assert trial.intermediate_values == {2: 0.9} and trial.value == 0.9
+
+
 def test_multi_class_plan_sets_the_categories(cache_dir):
     sweep = plan({"ablation": "drdc_gamma", "data.cache_dir": str(cache_dir)}, {})
     assert sweep.default_config.num_categories == len(sweep.categories) and not sweep.per_category_trials
