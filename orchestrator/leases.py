@@ -8,6 +8,11 @@ deleting it. A lease whose expiry has passed belongs to a dead owner (a killed d
 node): the next taker moves it aside with one atomic rename — only one process wins the
 rename — and creates its own. POSIX rename and O_EXCL are atomic on local and NFS
 folders alike, which is what a ``storage_path`` every node sees is.
+
+Object stores (an ``s3://`` storage_path) have no exclusive create that pyarrow exposes,
+so there the leases live in the cluster's lease board: one detached Ray actor
+(``diffad-leases``) holding the same records under the same rules, with compare-and-swap
+for takeovers. Sweeps that share a bucket must then share the Ray cluster too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from orchestrator.storage import REMOTE_SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +58,75 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+class LeaseBoard:
+    """The leases of an object-store storage_path, in one detached Ray actor per cluster
+    (see :func:`lease_board`). Records are the file backend's JSON bodies, keyed by path."""
+
+    def __init__(self):
+        self.records: dict[str, dict] = {}
+
+    def get(self, path: str) -> dict | None:
+        return self.records.get(path)
+
+    def create(self, path: str, body: dict) -> bool:
+        if path in self.records:
+            return False
+        self.records[path] = body
+        return True
+
+    def put(self, path: str, body: dict) -> None:
+        self.records[path] = body
+
+    def take_over(self, path: str, expected_owner: str) -> None:
+        """Drop the record if ``expected_owner`` still holds it (compare-and-swap)."""
+        if self.records.get(path, {}).get("owner") == expected_owner:
+            del self.records[path]
+
+    def drop(self, path: str, owner: str) -> None:
+        self.take_over(path, owner)
+
+
+_BOARD = None
+
+
+def lease_board():
+    """The cluster's lease board actor (created by the first sweep that needs it)."""
+    global _BOARD
+    if _BOARD is None:
+        import ray
+
+        _BOARD = ray.remote(num_cpus=0)(LeaseBoard).options(name="diffad-leases", namespace="diffad", lifetime="detached",
+                                                          get_if_exists=True).remote()
+    return _BOARD
+
+
 class Lease:
-    """One named lease under ``folder``; ``acquire`` is non-blocking."""
+    """One named lease under ``folder`` (a local folder or an object-store URI, see the
+    module's docstring); ``acquire`` is non-blocking."""
 
     def __init__(self, folder: str | Path, name: str, owner: str, seconds: float = LEASE_SECONDS):
-        self.path = Path(folder) / f"{name}.json"
+        self.on_board = str(folder).startswith(REMOTE_SCHEMES)
+        self.path = f"{str(folder).rstrip('/')}/{name}.json" if self.on_board else Path(folder) / f"{name}.json"
         self.owner, self.seconds = owner, seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _record(self) -> dict:
+        return {"owner": self.owner, "expires": time.time() + self.seconds, "host": socket.gethostname(), "pid": os.getpid()}
+
     def _body(self) -> bytes:
-        info = {"owner": self.owner, "expires": time.time() + self.seconds, "host": socket.gethostname(), "pid": os.getpid()}
-        return json.dumps(info).encode()
+        return json.dumps(self._record()).encode()
 
     def read(self) -> LeaseInfo | None:
         try:
-            raw = json.loads(self.path.read_text())
+            if self.on_board:
+                import ray
+
+                raw = ray.get(lease_board().get.remote(self.path))
+                if raw is None:
+                    return None
+            else:
+                raw = json.loads(self.path.read_text())
             return LeaseInfo(raw["owner"], float(raw["expires"]), raw.get("host", "?"), int(raw.get("pid", 0)))
         except (OSError, ValueError, KeyError):
             return None
@@ -78,6 +138,8 @@ class Lease:
 
     def acquire(self) -> bool:
         """Take the lease if it is free or expired; True if this owner holds it now."""
+        if self.on_board:
+            return self._acquire_on_board()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         current = self.read()
         if current is not None and current.owner == self.owner:
@@ -97,7 +159,25 @@ class Lease:
             handle.write(self._body())
         return True
 
+    def _acquire_on_board(self) -> bool:
+        import ray
+
+        board = lease_board()
+        current = self.read()
+        if current is not None and current.owner == self.owner:
+            self.renew()
+            return True
+        if current is not None and current.expired:
+            log.warning("lease %s of %s (host %s, pid %d) expired; taking it over", self.path, current.owner, current.host, current.pid)
+            ray.get(board.take_over.remote(self.path, current.owner))
+        return ray.get(board.create.remote(self.path, self._record()))
+
     def renew(self) -> None:
+        if self.on_board:
+            import ray
+
+            ray.get(lease_board().put.remote(self.path, self._record()))
+            return
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
         tmp.write_bytes(self._body())
         os.replace(tmp, self.path)
@@ -108,11 +188,11 @@ class Lease:
             while not self._stop.wait(min(HEARTBEAT_SECONDS, self.seconds / 3)):
                 current = self.read()
                 if current is None or current.owner != self.owner:
-                    log.error("lease %s was taken over by %s", self.path.name, current.owner if current else "nobody")
+                    log.error("lease %s was taken over by %s", self.path, current.owner if current else "nobody")
                     return
                 self.renew()
 
-        self._thread = threading.Thread(target=beat, name=f"lease-{self.path.stem}", daemon=True)
+        self._thread = threading.Thread(target=beat, name=f"lease-{self.path}", daemon=True)
         self._thread.start()
         return self
 
@@ -122,4 +202,9 @@ class Lease:
             self._thread.join(timeout=5)
         current = self.read()
         if current is not None and current.owner == self.owner:
-            self.path.unlink(missing_ok=True)
+            if self.on_board:
+                import ray
+
+                ray.get(lease_board().drop.remote(self.path, self.owner))
+            else:
+                self.path.unlink(missing_ok=True)

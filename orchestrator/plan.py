@@ -32,6 +32,7 @@ from orchestrator import search_space as spaces
 from orchestrator.config import Settings, build_settings, redact_uri, resolve_method_config
 from orchestrator.data import DataSpec
 from orchestrator.errors import ConfigError
+from orchestrator.storage import REMOTE_SCHEMES, Storage, is_remote
 from orchestrator.store import ModelKey, model_key
 from orchestrator.training import EvaluationSettings
 
@@ -231,7 +232,10 @@ def check_storage(path: str | Path, key: str = "storage_path") -> None:
     behind: missing folders are created for a probe file and removed again, so a sweep
     that stops later on bad input has not created its storage."""
     if "://" in str(path):
-        return  # a remote URI (s3://...): not probed from here
+        if not is_remote(path):
+            raise ConfigError(f"{key} {path}: unknown scheme; use a folder or one of {', '.join(REMOTE_SCHEMES)}")
+        Storage(path).probe()  # the bucket answers, with these credentials, and takes a write
+        return
     folder = Path(path).resolve()
     created: list[Path] = []
     try:
@@ -283,10 +287,12 @@ def sweep_prefix(ablation: str, dataset: str) -> str:
 def check_resume(space: spaces.SearchSpace, settings: Settings) -> None:
     """``resume=true`` needs an earlier sweep of this ablation and dataset under storage_path
     (the sweep checks that Tune can restore it, once Ray is imported)."""
-    sweeps_root = Path(settings.storage_path).resolve() / "sweeps"
+    if not settings.resume:
+        return
+    storage = Storage(settings.storage_path)
     prefix = sweep_prefix(space.name, settings.dataset)
-    if settings.resume and not any(p.is_dir() for p in sweeps_root.glob(f"{prefix}-*")):
-        raise ConfigError(f"resume=true but no sweep {prefix}-* under {sweeps_root} to restore; run without resume=true")
+    if not any(e.path.rsplit("/", 1)[-1].startswith(f"{prefix}-") for e in storage.list("sweeps")):
+        raise ConfigError(f"resume=true but no sweep {prefix}-* under {storage.join('sweeps')} to restore; run without resume=true")
 
 
 def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
@@ -297,8 +303,8 @@ def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
     if settings.seeds > 1 and space.search != "grid":
         raise ConfigError(f"seeds={settings.seeds} repeats grid points, and {space.name} is an Optuna search; "
                           "drop seeds= (or sweep the chosen point with a grid space)")
-    check_resume(space, settings)
     check_storage(settings.storage_path)
+    check_resume(space, settings)
     check_tracking_uri(settings.tracking_uri)
     data = settings.data_spec()
     categories = tuple(resolve_categories(settings, data))

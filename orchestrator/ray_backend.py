@@ -18,11 +18,14 @@ trials cost seconds, not a TorchTrainer start-up.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import re
 import signal
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,15 +41,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray._private.utils import write_ray_address  # names the embedded cluster in its temp folder (see start_local_ray)
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from methods.base import MethodConfig
 from orchestrator import search_space as spaces
 from orchestrator.errors import ConfigError
-from orchestrator.files import write_text
 from orchestrator.leases import Lease
 from orchestrator.plan import SweepPlan
 from orchestrator.results import ModelEvaluation, TrialResult, model_evaluation_from_json, model_evaluation_json, tune_report
+from orchestrator.storage import Storage
 from orchestrator.store import ModelKey, ModelStore
 from orchestrator.tracking import TrialRecorder
 from orchestrator.training import build_model, evaluate_model, fit, load_datas, training_data, validate
@@ -72,6 +75,31 @@ def connect() -> None:
         ray.init(log_to_driver=True)
     else:
         start_local_ray()
+
+
+def check_shared_storage(storage: Storage) -> None:
+    """On a multi-node cluster a local ``storage_path`` must be one folder every node sees
+    (NFS, a shared volume): the driver writes a token there and a task on each node reads
+    it back. A node that cannot stops the sweep before anything is recorded."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if storage.remote or len(nodes) < 2:
+        return
+    token = f".shared-check-{uuid.uuid4().hex[:12]}"
+    storage.write_text(token, token)
+    try:
+        def sees_token(path: str) -> bool:
+            return Path(path).is_file()
+
+        checks = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]:
+                  ray.remote(num_cpus=0)(sees_token).options(
+                      scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(storage.join(token))
+                  for n in nodes}
+        blind = [node for node, check in checks.items() if not ray.get(check, timeout=300)]
+    finally:
+        storage.delete(token)
+    if blind:
+        raise ConfigError(f"storage_path {storage.uri} is a local folder that node(s) {', '.join(blind)} do not see; "
+                          "use a folder shared by every node (NFS) or an object store (storage_path=s3://bucket/prefix)")
 
 
 def start_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
@@ -124,15 +152,22 @@ class TrialContext:
 
     plan: SweepPlan
     sweep_name: str
-    storage_path: str  # absolute
-    artifact_dir: str  # absolute; a trial's sample maps and hand-offs land in <artifact_dir>/<trial_id>/
+    storage_path: str  # an absolute folder or an object-store URI (orchestrator/storage.py)
 
-    def trial_dir(self, trial_id: str) -> Path:
-        return Path(self.artifact_dir) / trial_id
+    @property
+    def storage(self) -> Storage:
+        return Storage(self.storage_path)
 
-    def evaluation_path(self, trial_id: str, key: ModelKey) -> Path:
-        """Where the training worker leaves its evaluation of the model it trained."""
-        return self.trial_dir(trial_id) / f"evaluation-{key.short}.json"
+    def trial_folder(self, trial_id: str) -> str:
+        """A trial's sample maps and evaluation hand-offs, relative to the storage."""
+        return f"artifacts/{self.sweep_name}/{trial_id}"
+
+    def trial_dir(self, trial_id: str) -> str:
+        return self.storage.join(self.trial_folder(trial_id))
+
+    def evaluation_path(self, trial_id: str, key: ModelKey) -> str:
+        """Where the training worker leaves its evaluation of the model it trained (relative to the storage)."""
+        return f"{self.trial_folder(trial_id)}/evaluation-{key.short}.json"
 
 
 def validation_period(eval_every: int, epochs: int, asha: bool) -> int:
@@ -169,7 +204,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             state = torch.load(Path(restored) / "state.pt", map_location=device, weights_only=False)
         folder = "this run's checkpoint"
     elif cfg["resume_from"]:  # a takeover: the latest checkpoint another attempt left
-        state = torch.load(Path(cfg["resume_from"]) / "state.pt", map_location=device, weights_only=False)
+        state = torch.load(io.BytesIO(context.storage.read_bytes(f"{cfg['resume_from']}/state.pt")), map_location=device,
+                           weights_only=False)
         folder = cfg["resume_from"]
     if folder is not None:
         model.load_state_dict(state["model"])
@@ -200,7 +236,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # instead of in a task that would reload model and data. Only the
             # validation metrics reach Tune; the whole evaluation is handed to the trial.
             evaluation = evaluate_model(model, datas, replace(plan.evaluation, seed=seed), device, context.trial_dir(cfg["trial_id"]), seconds)
-            write_text(context.evaluation_path(cfg["trial_id"], key), model_evaluation_json(evaluation))
+            context.storage.write_text(context.evaluation_path(cfg["trial_id"], key), model_evaluation_json(evaluation))
             report.update(evaluation.validation())
         elif validating:
             report.update(validate(model, datas, replace(plan.evaluation, seed=seed), device))
@@ -214,27 +250,32 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     train_seconds = fit(trained, optimizers, data, config, seed, device, start_epoch=start_epoch, train_seconds=train_seconds,
                         rank=rank, world_size=world_size, on_epoch_end=on_epoch_end)
+    # The Ray nodes the workers ran on (provenance; Train's own local rank goes by node IP,
+    # which two nodes on one machine share).
+    nodes = [ray.get_runtime_context().get_node_id()] * world_size
+    if world_size > 1:
+        torch.distributed.all_gather_object(nodes, nodes[0])
     if rank == 0:
         meta = {"method": method, "categories": categories, "epochs": config.epochs, "train_seconds": train_seconds,
-                "world_size": world_size, "device": str(device), "sweep": context.sweep_name, "trial_id": cfg["trial_id"],
-                "resumed_after_epoch": resumed_after}
+                "world_size": world_size, "nodes": sorted(set(nodes)), "device": str(device), "sweep": context.sweep_name,
+                "trial_id": cfg["trial_id"], "resumed_after_epoch": resumed_after}
         ModelStore(context.storage_path).save(key, {k: v.cpu() for k, v in model.state_dict().items()}, meta)
 
 
 def train_model(context: TrialContext, method: str, config: MethodConfig, categories: list[str], train_seed: int, key: ModelKey,
-                run_name: str, trial_id: str, resume_from: Path | None, in_trial: bool = True) -> None:
+                run_name: str, trial_id: str, resume_from: str | None, in_trial: bool = True) -> None:
     """Run Ray Train for one model; its reports reach Tune (and ASHA), and its final
     evaluation lands at ``context.evaluation_path``. A ``run_name`` with checkpoints in
     storage resumes from its latest one, else from ``resume_from``."""
     s = context.plan.settings
-    context.evaluation_path(trial_id, key).unlink(missing_ok=True)  # left by an earlier attempt of this trial
+    context.storage.delete(context.evaluation_path(trial_id, key))  # left by an earlier attempt of this trial
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"context": context, "method": method, "method_config": config, "key": key, "categories": categories, "train_seed": train_seed, "trial_id": trial_id,
                            "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=s.trial.workers, use_gpu=s.trial.gpus > 0,
                                      resources_per_worker={"CPU": s.trial.cpus, **({"GPU": s.trial.gpus} if s.trial.gpus else {})}),
-        run_config=RunConfig(name=run_name, storage_path=str(Path(context.storage_path) / "train"),
+        run_config=RunConfig(name=run_name, storage_path=context.storage.join("train"),
                              failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                              callbacks=[TuneReportCallback()] if in_trial else []),  # outside a trial: nobody to report to
@@ -242,11 +283,13 @@ def train_model(context: TrialContext, method: str, config: MethodConfig, catego
     trainer.fit()
 
 
-def latest_checkpoint(storage_path: str, key: ModelKey) -> Path | None:
+def latest_checkpoint(storage: Storage, key: ModelKey) -> str | None:
     """The newest checkpoint any training of ``key`` left (every attempt's Train run is
-    named ``train-<key>-...``), so a takeover continues where a dead owner stopped."""
-    found = sorted(Path(storage_path, "train").glob(f"train-{key.short}*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
+    named ``train-<key>-...``), so a takeover continues where a dead owner stopped;
+    relative to the storage."""
+    found = [e for run in storage.list("train") if run.path.startswith(f"train/train-{key.short}")
+             for e in storage.list(run.path, recursive=True) if re.search(r"/checkpoint_[^/]+/state\.pt$", e.path)]
+    return max(found, key=lambda e: e.mtime).path.rsplit("/", 1)[0] if found else None
 
 
 def ensure_model(context: TrialContext, method: str, config: MethodConfig, categories: list[str], train_seed: int,
@@ -265,7 +308,7 @@ def ensure_model(context: TrialContext, method: str, config: MethodConfig, categ
         # retrain=true: only a version published by this sweep counts
         return store.exists(key) and (not settings.retrain or store.meta(key).get("sweep") == context.sweep_name)
 
-    lease = Lease(Path(context.storage_path) / "leases", f"model-{key.key}", owner=f"{context.sweep_name}/{owner}")
+    lease = Lease(context.storage.join("leases"), f"model-{key.key}", owner=f"{context.sweep_name}/{owner}")
     waited = 0.0
     while not ready():
         if lease.acquire():
@@ -276,7 +319,7 @@ def ensure_model(context: TrialContext, method: str, config: MethodConfig, categ
                 # A new Train run per attempt, started from the key's latest checkpoint
                 # (a resumed trial finds its own run's checkpoint there too).
                 train_model(context, method, config, categories, train_seed, key, f"train-{key.short}-{owner}", owner,
-                            resume_from=None if settings.retrain else latest_checkpoint(context.storage_path, key), in_trial=in_trial)
+                            resume_from=None if settings.retrain else latest_checkpoint(context.storage, key), in_trial=in_trial)
                 if not store.exists(key):
                     raise RuntimeError(f"training of model {key.short} finished without publishing weights")
                 return key, True
@@ -341,7 +384,7 @@ def run_trial(trial_config: dict[str, Any], context: TrialContext) -> None:
         keys.append(key.short)
         handed_over = context.evaluation_path(trial_id, key)
         # A training interrupted after its last epoch (then resumed) may not have evaluated.
-        models.append(model_evaluation_from_json(handed_over.read_text()) if trained_here and handed_over.exists()
+        models.append(model_evaluation_from_json(context.storage.read_text(handed_over)) if trained_here and context.storage.exists(handed_over)
                       else ray.get(evaluate.remote(context, method, config, categories, train_seed, key, trial_id)))
     tune.report(tune_report(TrialResult(models=models, model_keys=keys, models_trained=trained)))
 
@@ -432,13 +475,15 @@ class TrialOutcome:
     error: str | None  # first line of the error of a failed trial
 
 
-def latest_sweep(sweeps_root: Path, prefix: str) -> Path | None:
-    """The most recent restorable sweep folder named ``<prefix>-*``."""
-    candidates = sorted(sweeps_root.glob(f"{prefix}-*"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates and tune.Tuner.can_restore(str(candidates[-1])) else None
+def latest_sweep(storage: Storage, prefix: str) -> str | None:
+    """The name of the most recent restorable sweep ``<prefix>-<YYYYmmdd-HHMMSS>`` under
+    ``<storage>/sweeps`` (names sort by time; object stores have no folder times)."""
+    names = sorted(e.path.rsplit("/", 1)[-1] for e in storage.list("sweeps"))
+    candidates = [n for n in names if n.startswith(f"{prefix}-")]
+    return candidates[-1] if candidates and tune.Tuner.can_restore(storage.join("sweeps", candidates[-1])) else None
 
 
-def run_sweep(context: TrialContext, sweep_name: str, sweeps_root: Path, recorder: TrialRecorder, resume: bool) -> list[TrialOutcome]:
+def run_sweep(context: TrialContext, sweep_name: str, recorder: TrialRecorder, resume: bool) -> list[TrialOutcome]:
     """Run (or, with ``resume``, restore and finish) the sweep's Tune experiment."""
     plan = context.plan
     space, s = plan.space, plan.settings
@@ -452,8 +497,8 @@ def run_sweep(context: TrialContext, sweep_name: str, sweeps_root: Path, recorde
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if resume:
-        log.info("resuming sweep %s", sweeps_root / sweep_name)
-        tuner = tune.Tuner.restore(str(sweeps_root / sweep_name), trainable, resume_errored=True)
+        log.info("resuming sweep %s", context.storage.join("sweeps", sweep_name))
+        tuner = tune.Tuner.restore(context.storage.join("sweeps", sweep_name), trainable, resume_errored=True)
     else:
         params, search_alg = param_space(plan)
         # ASHA's rungs count epochs; a trial that reaches max_t finishes by itself (its
@@ -468,7 +513,7 @@ def run_sweep(context: TrialContext, sweep_name: str, sweeps_root: Path, recorde
                                         # each paying a fresh process's imports (torch, diffusers, Ray Train);
                                         # not with ASHA: the trial after an early-stopped one never started
                                         reuse_actors=not space.asha),
-            run_config=tune.RunConfig(name=sweep_name, storage_path=str(sweeps_root),
+            run_config=tune.RunConfig(name=sweep_name, storage_path=context.storage.join("sweeps"),
                                       failure_config=tune.FailureConfig(max_failures=s.max_failures),
                                       callbacks=[MLflowCallback(recorder)]),
         )

@@ -10,8 +10,9 @@ method or a new dataset adapter leaves every other model's key alone. A trial wh
 already exists loads the weights and only evaluates.
 
 Layout: ``<storage_path>/models/<key>/versions/<version>/{model.pt, meta.json}`` and
-``<key>/current`` naming the version to load (:class:`ModelStore`); every write is
-atomic (orchestrator/files.py), so a reader never sees half a model.
+``<key>/current`` naming the version to load (:class:`ModelStore`), on a local folder or
+an object store (orchestrator/storage.py); every write is atomic, so a reader never sees
+half a model.
 
     python -m orchestrator.store prune storage_path=ray_results   # drop unreferenced versions, finished Train folders
 """
@@ -23,8 +24,8 @@ import functools
 import hashlib
 import importlib.metadata
 import inspect
+import io
 import json
-import shutil
 import sys
 import time
 import uuid
@@ -39,7 +40,7 @@ from methods.base import MethodConfig, config_fingerprint, training_fields
 from orchestrator.data import DataSpec
 from orchestrator.data.registry import get_adapter
 from orchestrator.errors import ConfigError
-from orchestrator.files import publish_folder, write_text
+from orchestrator.storage import Storage
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Orchestrator code every trained model depends on: the training loop and the preprocessing.
@@ -165,89 +166,108 @@ SCHEMA = 2  # the store's layout; a store written by another schema is refused w
 
 class ModelStore:
     """``<storage_path>/models/<key>/versions/<version>/{model.pt, meta.json}`` and a
-    ``<key>/current`` file naming the version readers load. A training publishes a new
-    version (atomically) and then moves ``current`` (one atomic rename), so a reader
-    always loads a complete model and ``retrain=true`` replaces what later trials load.
-    Versions no pointer names are removed by ``python -m orchestrator.store prune``."""
+    ``<key>/current`` file naming the version readers load, on a local folder or an
+    object store (:class:`Storage`). A training writes its version's weights, then its
+    meta.json (a version without one is incomplete and never loaded), then moves
+    ``current`` (one atomic write), so a reader always loads a complete model and
+    ``retrain=true`` replaces what later trials load. Versions no pointer names are
+    removed by ``python -m orchestrator.store prune``."""
 
-    def __init__(self, storage_path: str | Path):
-        self.root = Path(storage_path).resolve() / "models"
+    def __init__(self, storage: str | Path | Storage):
+        self.storage = storage if isinstance(storage, Storage) else Storage(storage)
 
     def check_schema(self) -> None:
-        marker = self.root / "SCHEMA"
-        if marker.is_file() and marker.read_text().strip() != str(SCHEMA):
-            raise ConfigError(f"model store {self.root} has schema {marker.read_text().strip()}, this code reads {SCHEMA}; "
-                              "use another storage_path or run `python -m orchestrator.store prune` from the matching version")
-        if not marker.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_text(marker, f"{SCHEMA}\n")
+        marker = "models/SCHEMA"
+        if self.storage.is_file(marker):
+            found = self.storage.read_text(marker).strip()
+            if found != str(SCHEMA):
+                raise ConfigError(f"model store {self.storage.join('models')} has schema {found}, this code reads {SCHEMA}; "
+                                  "use another storage_path or run `python -m orchestrator.store prune` from the matching version")
+        else:
+            self.storage.write_text(marker, f"{SCHEMA}\n")
 
-    def folder(self, key: ModelKey) -> Path:
-        return self.root / key.key
+    def folder(self, key: ModelKey) -> str:
+        return f"models/{key.key}"
 
-    def current(self, key: ModelKey) -> Path | None:
-        """The version folder readers load, or None when the key was never published."""
+    def _current_version(self, key: ModelKey) -> str | None:
         try:
-            version = (self.folder(key) / "current").read_text().strip()
+            version = self.storage.read_text(f"{self.folder(key)}/current").strip()
         except FileNotFoundError:
             return None
-        path = self.folder(key) / "versions" / version
-        return path if (path / "meta.json").is_file() else None
+        return version if self.storage.is_file(f"{self.folder(key)}/versions/{version}/meta.json") else None
+
+    def current(self, key: ModelKey) -> str | None:
+        """The version folder readers load (a path or URI), or None when the key was never published."""
+        version = self._current_version(key)
+        return self.storage.join(self.folder(key), "versions", version) if version else None
 
     def exists(self, key: ModelKey) -> bool:
-        return self.current(key) is not None
+        return self._current_version(key) is not None
 
-    def save(self, key: ModelKey, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-        """Publish a new version of ``key`` and make it current."""
+    def save(self, key: ModelKey, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+        """Publish a new version of ``key`` and make it current; returns its folder."""
         self.check_schema()
         version = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        target = self.folder(key) / "versions" / version
-
-        def fill(folder: Path) -> None:
-            torch.save(state_dict, folder / "model.pt")
-            (folder / "meta.json").write_text(json.dumps({**meta, "key": key.key, "version": version, "inputs": key.inputs},
-                                                         indent=2, default=str))
-
-        publish_folder(target, fill, is_complete=lambda f: (f / "meta.json").exists())
-        write_text(self.folder(key) / "current", version + "\n")
-        return target
+        folder = f"{self.folder(key)}/versions/{version}"
+        weights = io.BytesIO()
+        torch.save(state_dict, weights)
+        self.storage.write_bytes(f"{folder}/model.pt", weights.getvalue())
+        self.storage.write_text(f"{folder}/meta.json", json.dumps({**meta, "key": key.key, "version": version, "inputs": key.inputs},
+                                                                  indent=2, default=str))
+        self.storage.write_text(f"{self.folder(key)}/current", version + "\n")
+        return self.storage.join(folder)
 
     def meta(self, key: ModelKey) -> dict[str, Any]:
         """meta.json of the current version ({} when none)."""
-        path = self.current(key)
-        return json.loads((path / "meta.json").read_text()) if path is not None else {}
+        version = self._current_version(key)
+        return json.loads(self.storage.read_text(f"{self.folder(key)}/versions/{version}/meta.json")) if version else {}
 
     def load(self, key: ModelKey) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        path = self.current(key)
-        if path is None:
-            raise FileNotFoundError(f"no model {key.short} in {self.root}")
-        meta = json.loads((path / "meta.json").read_text())
-        return torch.load(path / "model.pt", map_location="cpu", weights_only=True), meta
+        version = self._current_version(key)
+        if version is None:
+            raise FileNotFoundError(f"no model {key.short} in {self.storage.join('models')}")
+        folder = f"{self.folder(key)}/versions/{version}"
+        meta = json.loads(self.storage.read_text(f"{folder}/meta.json"))
+        return torch.load(io.BytesIO(self.storage.read_bytes(f"{folder}/model.pt")), map_location="cpu", weights_only=True), meta
 
-    def prune(self, min_age_s: float = 3600.0) -> list[Path]:
+    def published(self) -> list[str]:
+        """Keys with a current version."""
+        return [e.path.split("/")[1] for e in self.storage.list("models") if self.storage.is_file(f"{e.path}/current")]
+
+    def prune(self, min_age_s: float = 3600.0) -> list[str]:
         """Remove every version no ``current`` pointer names and that is older than
         ``min_age_s`` (a reader that read the pointer just before a retraining moved it
         still finds its version); returns what was removed."""
         removed = []
-        for key_folder in sorted(p for p in self.root.glob("*") if (p / "versions").is_dir()):
-            current = (key_folder / "current").read_text().strip() if (key_folder / "current").is_file() else None
-            for version in (key_folder / "versions").iterdir():
-                if version.name != current and time.time() - version.stat().st_mtime > min_age_s:
-                    shutil.rmtree(version, ignore_errors=True)
-                    removed.append(version)
+        now = time.time()
+        for key_folder in self.storage.list("models"):
+            pointer = f"{key_folder.path}/current"
+            current = self.storage.read_text(pointer).strip() if self.storage.is_file(pointer) else None
+            for version in self.storage.list(f"{key_folder.path}/versions"):
+                files = self.storage.list(version.path, recursive=True)
+                if version.path.rsplit("/", 1)[-1] != current and now - max([f.mtime for f in files] + [0.0]) > min_age_s:
+                    self.storage.delete(version.path)
+                    if files:  # an object store may still list a folder whose objects are gone
+                        removed.append(self.storage.join(version.path))
         return removed
 
 
-def prune(storage_path: str | Path, min_age_s: float = 3600.0) -> list[Path]:
+def newest_mtime(storage: Storage, rel: str) -> float:
+    """A folder's age is its newest file's (object stores have no folder times)."""
+    return max([e.mtime for e in storage.list(rel, recursive=True)] + [0.0])
+
+
+def prune(storage_path: str | Path, min_age_s: float = 3600.0) -> list[str]:
     """Unreferenced model versions, and the Ray Train folders (checkpoints) of every model
     that is published: what ``python -m orchestrator.store prune`` removes."""
     store = ModelStore(storage_path)
     removed = store.prune(min_age_s)
-    published = {p.name[:16] for p in store.root.glob("*") if (p / "current").is_file()}
-    for run in sorted(Path(storage_path).resolve().joinpath("train").glob("train-*")):
-        if run.name.split("-")[1] in published and time.time() - run.stat().st_mtime > min_age_s:
-            shutil.rmtree(run, ignore_errors=True)
-            removed.append(run)
+    published = {key[:16] for key in store.published()}
+    for run in store.storage.list("train"):
+        name = run.path.rsplit("/", 1)[-1]
+        if name.startswith("train-") and name.split("-")[1] in published and time.time() - newest_mtime(store.storage, run.path) > min_age_s:
+            store.storage.delete(run.path)
+            removed.append(store.storage.join(run.path))
     return removed
 
 

@@ -28,6 +28,7 @@ from orchestrator import search_space as spaces
 from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, redact_uri, settings_keys
 from orchestrator.errors import ConfigError, UserError
 from orchestrator.leases import Lease
+from orchestrator.storage import Storage
 from orchestrator.plan import SweepPlan, plan, sweep_prefix
 
 log = logging.getLogger("orchestrator.sweep")
@@ -100,30 +101,32 @@ def run(tokens: list[str]) -> dict[str, Any]:
     from orchestrator import ray_backend
 
     s = sweep.settings
-    storage = Path(s.storage_path).resolve()
-    sweeps_root = storage / "sweeps"
+    storage = Storage(s.storage_path)
+    # Ray first: leases on object storage live in the cluster's lease board, and a local
+    # folder must be one that every node of the cluster sees.
+    ray_backend.connect()
+    ray_backend.check_shared_storage(storage)
     prefix = sweep_prefix(sweep.space.name, s.dataset)
-    resume_dir = ray_backend.latest_sweep(sweeps_root, prefix) if s.resume else None
-    if s.resume and resume_dir is None:
-        raise ConfigError(f"resume=true but no restorable sweep {prefix}-* under {sweeps_root}; run without resume=true")
-    sweep_name = resume_dir.name if resume_dir else f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resumed = ray_backend.latest_sweep(storage, prefix) if s.resume else None
+    if s.resume and resumed is None:
+        raise ConfigError(f"resume=true but no restorable sweep {prefix}-* under {storage.join('sweeps')}; run without resume=true")
+    sweep_name = resumed or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     # The sweep's lease says its driver is alive (a second driver of the same sweep is
     # refused); runs of sweeps on this storage whose lease expired (SIGKILL) are closed.
-    leases = storage / "leases"
-    lease = Lease(leases, f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
+    lease = Lease(storage.join("leases"), f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
     if not lease.acquire():
         holder = lease.read()
         raise ConfigError(f"sweep {sweep_name} is running (driver {holder.host if holder else '?'} pid {holder.pid if holder else '?'}); "
                           "wait for it or stop it first")
     lease.hold()
     try:
-        return run_sweep(sweep, tokens, storage, sweeps_root, sweep_name, resume_dir is not None, splits)
+        return run_sweep(sweep, tokens, storage, sweep_name, resumed is not None, splits)
     finally:
         lease.release()
 
 
-def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: Path, sweep_name: str, resume: bool,
+def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name: str, resume: bool,
               splits: dict[str, dict[str, int]]) -> dict[str, Any]:
     from orchestrator import ray_backend, report, tracking
 
@@ -133,16 +136,16 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: P
     ray_backend.check_resources(s.trial.cpus, s.trial.gpus, s.trial.workers, s.autoscaling)
     # 3. the parent run (after closing the runs of dead sweeps on this storage)
     uri = tracking.resolve_uri(s.tracking_uri)
-    for name in tracking.close_dead_sweeps(uri, sweep.space.name, str(storage),
-                                           alive=lambda other: Lease(storage / "leases", f"sweep-{other}", "").alive()):
+    for name in tracking.close_dead_sweeps(uri, sweep.space.name, storage.uri,
+                                           alive=lambda other: Lease(storage.join("leases"), f"sweep-{other}", "").alive()):
         log.warning("sweep %s had died (its lease expired): its RUNNING runs are marked KILLED", name)
     parent = tracking.SweepRun(uri, sweep.space.name)
-    parent.open(sweep_name, {**sweep_tags(sweep, tracking.git_commit()), "storage": str(storage)},
+    parent.open(sweep_name, {**sweep_tags(sweep, tracking.git_commit()), "storage": storage.uri},
                 {**{k: redact_uri(v) for k, v in flatten({"settings": config_to_dict(s)}).items()}, "categories": ",".join(sweep.categories),
                  "skipped_points": "; ".join(sweep.skipped) or "none"}, resume=resume)
     parent.log_artifact(sweep.space.source, "config")
     # MLflow writes that failed (an outage) were kept here; an earlier run of this sweep may have left some.
-    spool = tracking.Spool(storage / "mlflow-spool" / f"{sweep_name}.jsonl")
+    spool = tracking.Spool(storage, f"mlflow-spool/{sweep_name}.jsonl")
     replay_spool(spool, parent.client)
     recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, functools.partial(trial_params, sweep),
                                       {"ablation": sweep.space.name, "dataset": s.dataset},
@@ -151,15 +154,14 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Path, sweeps_root: P
                                       spool)
 
     # 4. Tune
-    context = ray_backend.TrialContext(plan=sweep, sweep_name=sweep_name, storage_path=str(storage),
-                                       artifact_dir=str(storage / "artifacts" / sweep_name))
+    context = ray_backend.TrialContext(plan=sweep, sweep_name=sweep_name, storage_path=storage.uri)
     models = sweep.pretrain_models()
     if models:
         try:
             ray_backend.pretrain(context, models)
         except Exception as exc:  # noqa: BLE001 - the trials train what is missing and report their own errors
             log.warning("training the models before the trials failed (%s); the trials train them", str(exc).splitlines()[0])
-    outcomes = ray_backend.run_sweep(context, sweep_name, sweeps_root, recorder, resume=resume)
+    outcomes = ray_backend.run_sweep(context, sweep_name, recorder, resume=resume)
 
     # 5. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable
     replay_spool(spool, parent.client)

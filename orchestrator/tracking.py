@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +48,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from orchestrator.config import redact_uri
 from orchestrator.results import TrialResult, is_metric
+from orchestrator.storage import Storage, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +172,31 @@ def client(uri: str) -> MlflowClient:
 
 
 class Spool:
-    """MLflow writes that still fail after retries, kept as JSON lines in ``path`` (under
-    the sweep's storage) and replayed later — at the end of the sweep and when
-    ``resume=true`` restarts it — so an MLflow outage neither fails a sweep nor loses a
-    metric. Retries with backoff come on top of MLflow's own HTTP retries."""
+    """MLflow writes that still fail after retries, kept as JSON lines in ``rel`` under the
+    sweep's storage (a folder or an object store) and replayed later — at the end of the
+    sweep and when ``resume=true`` restarts it — so an MLflow outage neither fails a sweep
+    nor loses a metric. Only the driver writes it. Retries with backoff come on top of
+    MLflow's own HTTP retries."""
 
     BACKOFF_S = (1.0, 2.0, 4.0)
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, storage: Storage, rel: str):
+        self.storage, self.rel = storage, rel
+
+    @property
+    def path(self) -> str:
+        return self.storage.join(self.rel)
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.storage.exists(self.rel):
+            return []
+        return [json.loads(line) for line in self.storage.read_text(self.rel).splitlines() if line.strip()]
+
+    def _keep(self, entries: list[dict[str, Any]]) -> None:
+        if entries:
+            self.storage.write_text(self.rel, "".join(json.dumps(e) + "\n" for e in entries))
+        else:
+            self.storage.delete(self.rel)
 
     def write(self, mlflow_client: MlflowClient, op: str, **args: Any) -> bool:
         """Apply one write (``op`` names a client method); True when it reached MLflow."""
@@ -189,28 +207,23 @@ class Spool:
             except Exception as exc:  # noqa: BLE001 - any failure of the store: retry, then spool
                 if wait is None:
                     log.warning("MLflow write %s failed (%s); kept in %s for replay", op, str(exc).splitlines()[0][:200], self.path)
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    with open(self.path, "a") as f:
-                        f.write(json.dumps({"op": op, "args": args}) + "\n")
+                    self._keep([*self.entries(), {"op": op, "args": args}])
                     return False
                 time.sleep(wait)
         return False
 
     def replay(self, mlflow_client: MlflowClient) -> tuple[int, int]:
         """Apply the kept writes in order; returns (replayed, still kept)."""
-        if not self.path.exists():
+        entries = self.entries()
+        if not entries:
             return 0, 0
-        entries = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         kept = []
         for entry in entries:
             try:
                 _apply(mlflow_client, entry["op"], entry["args"])
             except Exception:  # noqa: BLE001 - still unreachable: keep it for the next replay
                 kept.append(entry)
-        if kept:
-            self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        else:
-            self.path.unlink()
+        self._keep(kept)
         return len(entries) - len(kept), len(kept)
 
 
@@ -383,8 +396,9 @@ class TrialRecorder:
             result = TrialResult.from_json(reported["result"])
             self._write("set_tag", run_id=run_id, key="model_keys", value=",".join(result.model_keys))
             for path in result.sample_maps:
-                if Path(path).exists():
-                    self._write("log_artifact", run_id=run_id, local_path=path, artifact_path="anomaly_maps")
+                local = local_copy(path)
+                if local is not None:
+                    self._write("log_artifact", run_id=run_id, local_path=str(local), artifact_path="anomaly_maps")
 
     def finish(self, run_id: str, ok: bool, error: str = "", stopped_early: bool = False) -> None:
         if error:
@@ -399,6 +413,23 @@ class TrialRecorder:
             self.spool.write(self.client, op, **args)
         else:
             _apply(self.client, op, args)
+
+
+def local_copy(path: str) -> Path | None:
+    """A sample map a worker left in the storage, as a local file MLflow can upload: the
+    file itself on a shared folder, a download (kept until the driver exits, for the
+    spool's replay) from an object store; None when it is missing."""
+    if not is_remote(path):
+        return Path(path) if Path(path).exists() else None
+    folder, name = path.rsplit("/", 1)
+    try:
+        data = Storage(folder).read_bytes(name)
+    except FileNotFoundError:
+        return None
+    target = Path(tempfile.gettempdir()) / f"diffad-maps-{os.getpid()}" / hashlib.sha256(folder.encode()).hexdigest()[:12] / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target
 
 
 # ------------------------------------------------------------------------------ reading

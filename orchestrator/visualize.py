@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
+
+from orchestrator.storage import Storage
 
 
 def panel(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -19,19 +22,22 @@ def panel(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, low: flo
     return np.concatenate([rgb, heat, gt], axis=1)
 
 
-def save_sample_maps(folder: Path, category: str, images: np.ndarray, maps: np.ndarray, masks: np.ndarray,
+def save_sample_maps(folder: str | Path, category: str, images: np.ndarray, maps: np.ndarray, masks: np.ndarray,
                      labels: np.ndarray, count: int) -> list[str]:
-    """Save up to ``count`` panels (anomalous images first, then normal ones); returns the paths."""
+    """Save up to ``count`` panels (anomalous images first, then normal ones) in ``folder``
+    (a local folder or an object-store URI); returns their paths."""
     if count <= 0:
         return []
-    folder.mkdir(parents=True, exist_ok=True)
+    storage = Storage(folder)
     anomalous = np.flatnonzero(labels == 1)
     normal = np.flatnonzero(labels == 0)
     chosen = list(anomalous[: max(1, count - 1)]) + list(normal[:1])
     low, high = float(np.min(maps)), float(np.max(maps))
     paths = []
     for i in chosen[:count]:
-        path = folder / f"{category}_{i:03d}_{'anomalous' if labels[i] else 'normal'}.png"
-        Image.fromarray(panel(images[i], maps[i], masks[i], low, high)).save(path)
-        paths.append(str(path))
+        name = f"{category}_{i:03d}_{'anomalous' if labels[i] else 'normal'}.png"
+        png = io.BytesIO()
+        Image.fromarray(panel(images[i], maps[i], masks[i], low, high)).save(png, format="PNG")
+        storage.write_bytes(name, png.getvalue())
+        paths.append(storage.join(name))
     return paths

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,10 +78,10 @@ def test_store_versions_a_retraining_and_prunes_the_old_one(tmp_path, cache_dir)
     second = store.save(key, {"w": torch.zeros(1)}, {"sweep": "b"})  # retrain=true: a new version becomes current
     assert first != second and store.current(key) == second
     state, meta = store.load(key)
-    assert torch.equal(state["w"], torch.zeros(1)) and meta["sweep"] == "b" and store.meta(key)["version"] == second.name
+    assert torch.equal(state["w"], torch.zeros(1)) and meta["sweep"] == "b" and store.meta(key)["version"] == Path(second).name
     assert prune(tmp_path, min_age_s=3600) == []  # too young: a reader may still be loading it
     assert prune(tmp_path, min_age_s=0) == [first]
-    assert store.exists(key) and not first.exists()
+    assert store.exists(key) and not Path(first).exists()
     assert (tmp_path / "models" / "SCHEMA").read_text().strip() == "2"
 
 

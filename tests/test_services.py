@@ -133,3 +133,58 @@ def test_runs_survive_an_mlflow_server_restart(services, tmp_path):
     assert run.info.status == "FINISHED" and run.data.metrics["val_image_auroc"] == 0.75
     assert tracking.sweep_experiment(url, "services-sweep") is not None
     assert tracking.artifact_paths(url, run_id, "reports") == ["reports/report.md"]
+
+
+def test_model_store_spool_and_sample_maps_on_the_bucket(services, tmp_path, monkeypatch, empty_store):
+    """What a sweep keeps under storage_path=s3://...: model versions (and their pruning),
+    the MLflow spool, sample maps that the driver downloads to log."""
+    import numpy as np
+    import torch
+
+    from orchestrator.config import resolve_method_config
+    from orchestrator.data import DataSpec
+    from orchestrator.storage import Storage
+    from orchestrator.store import ModelStore, model_key, prune
+    from orchestrator.visualize import save_sample_maps
+
+    for name, value in services.s3_env.items():
+        monkeypatch.setenv(name, value)
+    prefix = f"storage-{uuid.uuid4().hex[:8]}"
+    storage = Storage(f"s3://{services.store.bucket}/{prefix}")
+    storage.probe()
+    key = model_key("transfusion", resolve_method_config("transfusion", "smoke"), DataSpec("synthetic", None, str(tmp_path), 0.2, 0), ["washer"])
+    store = ModelStore(storage.uri)
+    assert not store.exists(key)
+    first = store.save(key, {"w": torch.ones(2)}, {"sweep": "a"})
+    second = store.save(key, {"w": torch.zeros(2)}, {"sweep": "b"})
+    assert store.current(key) == second and second.startswith(f"s3://{services.store.bucket}/{prefix}/models/")
+    state, meta = store.load(key)
+    assert torch.equal(state["w"], torch.zeros(2)) and meta["sweep"] == "b"
+    assert prune(storage.uri, min_age_s=0) == [first] and store.exists(key)
+    assert not [k for k in _keys(services, f"{prefix}/models/") if first.split(f"{prefix}/", 1)[1] in k]
+
+    spool = tracking.Spool(storage, "mlflow-spool/sweep.jsonl")
+    down = tracking.client("http://127.0.0.1:9")
+    monkeypatch.setattr(tracking.Spool, "BACKOFF_S", (0.0,))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own HTTP retries would take minutes
+    assert not spool.write(down, "set_tag", run_id="r", key="k", value="v")
+    assert f"{prefix}/mlflow-spool/sweep.jsonl" in _keys(services, f"{prefix}/")
+    assert len(spool.entries()) == 1
+
+    images = np.zeros((2, 3, 8, 8), np.uint8)
+    paths = save_sample_maps(storage.join("artifacts", "sweep", "t1"), "washer", images, np.random.rand(2, 8, 8),
+                             np.zeros((2, 8, 8)), np.array([1, 0]), 2)
+    assert all(p.startswith("s3://") for p in paths) and len(paths) == 2
+    local = tracking.local_copy(paths[0])
+    assert local is not None and local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bucket_we_cannot_write_is_one_line(services, monkeypatch):
+    from orchestrator.errors import ConfigError
+    from orchestrator.plan import check_storage
+
+    for name, value in {**services.s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="not writable") as error:
+        check_storage(f"s3://{services.store.bucket}/denied")
+    assert "\n" not in str(error.value)

@@ -1,7 +1,6 @@
 """The model store's keys: they change exactly when what a model is trained from changes."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -71,9 +70,10 @@ def test_store_publishes_whole_models(tmp_path):
     store.save(key, {"w": torch.ones(2)}, {"epochs": 1})
     state, meta = store.load(key)
     assert torch.equal(state["w"], torch.ones(2)) and meta["key"] == key.key and meta["inputs"]["method"] == "transfusion"
-    versions = Path(store.folder(key)) / "versions"
-    assert [p.name for p in versions.iterdir()] == [meta["version"]]  # no temporary folder left behind
-    assert sorted(p.name for p in store.folder(key).iterdir()) == ["current", "versions"]
+    versions = tmp_path / store.folder(key) / "versions"
+    assert [p.name for p in versions.iterdir()] == [meta["version"]]  # no temporary file left behind
+    assert sorted(p.name for p in (tmp_path / store.folder(key)).iterdir()) == ["current", "versions"]
+    assert sorted(p.name for p in (versions / meta["version"]).iterdir()) == ["meta.json", "model.pt"]
 
 
 def test_publish_folder_replaces_an_incomplete_one(tmp_path):

@@ -1,0 +1,99 @@
+"""The cluster path end to end, with real parts only (no mocks): a two-node Ray cluster on
+loopback (a head and a worker node, one CPU each, started by `ray start`), SeaweedFS as
+the S3 object store and `mlflow server` on PostgreSQL (the shared ``services`` fixture).
+
+`ray job submit` runs TransFusion's final-mask grid (inference-only: one training, four
+evaluations) with ``storage_path=s3://...`` and ``trial.workers=2 trial.cpus=1``: the one
+training is DDP (gloo) across both nodes — each node has a single CPU, so the two Train
+workers can only run one per node — and every trial evaluates the model from the bucket.
+These are the README's "Running on a cluster" steps.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from orchestrator import tracking
+from services import free_ports
+
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(1500)]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ray_cli(*args, env, timeout=180):
+    return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cluster(services):
+    """A head and one worker node, each with 1 CPU, their processes holding the S3
+    variables (what a cluster's nodes get from their launcher)."""
+    env = {**os.environ, **services.s3_env, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_ports(2)
+    temp = Path("/tmp") / f"raymn{os.getpid()}"  # Ray's socket paths must stay short
+    head = ray_cli("start", "--head", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                   f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}", "--disable-usage-stats", env=env)
+    try:
+        assert head.returncode == 0, head.stderr[-2000:]
+        # Its own temp dir, as on a machine of its own: with the head's, its runtime-env
+        # agent deleted the job's unpacked working dir (the driver's cwd) when its own
+        # workers were done with it.
+        worker = ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                         f"--temp-dir={temp}w", "--disable-usage-stats", env=env)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        yield dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dashboard}")
+    finally:
+        ray_cli("stop", "--force", env=env, timeout=120)
+        for folder in (temp, Path(f"{temp}w")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_job_on_two_nodes_with_object_storage_and_mlflow_server(cluster, services, cache_dir):
+    prefix = f"cluster-{uuid.uuid4().hex[:8]}"
+    storage = f"s3://{services.store.bucket}/{prefix}"
+    # The job's runtime environment carries the tracking URI and the S3 settings to every
+    # worker process of the job (deploy/rayjob.yaml does the same).
+    runtime_env = {"env_vars": {k: v for k, v in services.env.items()}}
+    submitted = ray_cli(
+        "job", "submit", "--working-dir", str(ROOT), "--entrypoint-num-cpus=0", "--runtime-env-json", json.dumps(runtime_env), "--",
+        sys.executable, "-m", "orchestrator.sweep", "ablation=transfusion_final_mask", "categories=[washer]",
+        "method.epochs=1", "method.steps=5", "trial.workers=2", "trial.cpus=1", "max_concurrent=1",
+        f"storage_path={storage}", f"tracking_uri={services.tracking_uri}", f"data.cache_dir={cache_dir}",
+        "latency_images=1", "sample_maps=1",
+        env=cluster, timeout=1200,
+    )
+    errors = "\n".join(line for line in submitted.stdout.splitlines() if "Error" in line or "error:" in line)
+    assert submitted.returncode == 0, f"{errors[-4000:]}\n...\n{submitted.stdout[-3000:]}"
+    assert "succeeded" in submitted.stdout.lower() and "transfusion_final_mask.md" in submitted.stdout  # the report was written
+
+    # MLflow (PostgreSQL behind the server): the sweep and its four trials, one training.
+    frame = tracking.search_runs(services.tracking_uri, "transfusion_final_mask")
+    parent = frame[(frame["tags.kind"] == "sweep") & (frame["tags.storage"] == storage)]
+    assert len(parent) == 1 and parent["status"].iloc[0] == "FINISHED"
+    trials = frame[frame[f"tags.{tracking.PARENT_TAG}"] == parent["run_id"].iloc[0]]
+    assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+    assert trials["metrics.models_trained"].sum() == 1 and trials["metrics.test_image_auroc"].notna().all()
+    # ... each trial's sample map went through the server into the bucket.
+    for run_id in trials["run_id"]:
+        assert tracking.artifact_paths(services.tracking_uri, run_id, "anomaly_maps"), run_id
+
+    # The object store: the model (one version, trained by two Train workers on two nodes),
+    # Train's checkpoints and Tune's experiment state; nothing under a local folder.
+    s3 = services.store.client()
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=services.store.bucket, Prefix=prefix + "/")
+            for o in page.get("Contents", [])]
+    metas = [k for k in keys if k.startswith(f"{prefix}/models/") and k.endswith("/meta.json")]
+    assert len(metas) == 1 and any(k.endswith("/model.pt") for k in keys)
+    meta = json.loads(s3.get_object(Bucket=services.store.bucket, Key=metas[0])["Body"].read())
+    assert meta["world_size"] == 2 and len(meta["nodes"]) == 2, meta  # DDP, one worker per node
+    assert any(k.startswith(f"{prefix}/train/") and "/checkpoint_" in k for k in keys)
+    assert any(k.startswith(f"{prefix}/sweeps/transfusion_final_mask-") for k in keys)
+    assert any(k.startswith(f"{prefix}/artifacts/") and k.endswith(".png") for k in keys)
+    assert not (ROOT / "s3:").exists()

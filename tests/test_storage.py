@@ -1,0 +1,69 @@
+"""storage_path as a local folder (object stores: tests/test_services.py and
+tests/test_cluster.py, against a real S3 server), and the lease board that holds the
+leases of an object-store storage_path."""
+
+import time
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.leases import Lease
+from orchestrator.plan import check_storage
+from orchestrator.storage import Storage, is_remote
+from orchestrator.tracking import local_copy
+
+
+def test_local_storage_round_trip_listing_and_delete(tmp_path):
+    storage = Storage(tmp_path / "ray")
+    assert not storage.remote and storage.uri == str((tmp_path / "ray").resolve())
+    storage.write_text("models/k/current", "v1\n")
+    storage.write_bytes("models/k/versions/v1/model.pt", b"123")
+    assert storage.read_text("models/k/current") == "v1\n" and storage.is_file("models/k/current")
+    assert [e.path for e in storage.list("models/k")] == ["models/k/current", "models/k/versions"]
+    assert [e.path for e in storage.list("models", recursive=True) if storage.is_file(e.path)] == \
+        ["models/k/current", "models/k/versions/v1/model.pt"]
+    assert storage.list("absent") == []
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("absent")
+    assert storage.join("models", "k") == str(tmp_path.resolve() / "ray" / "models" / "k")
+    assert not list((tmp_path / "ray" / "models" / "k").glob(".*"))  # no temporary file left behind
+    storage.delete("models/k")
+    storage.delete("models/k")  # absent: nothing to do
+    assert storage.list("models") == []
+
+
+def test_uris_and_their_checks(tmp_path):
+    assert is_remote("s3://bucket/x") and is_remote("gs://bucket/x") and not is_remote(tmp_path)
+    assert Storage("s3://bucket/x/").join("models", "k") == "s3://bucket/x/models/k"
+    with pytest.raises(ConfigError, match="unknown scheme") as error:
+        check_storage("ftp://host/x")
+    assert "\n" not in str(error.value)
+    assert local_copy(str(tmp_path / "absent.png")) is None
+    (tmp_path / "map.png").write_bytes(b"png")
+    assert local_copy(str(tmp_path / "map.png")) == tmp_path / "map.png"
+
+
+def test_lease_board_leases_follow_the_file_rules(ray_shutdown):
+    """On an object store the leases live in the cluster's lease-board actor: one owner at
+    a time, renewal, release, and an expired lease taken over (compare-and-swap)."""
+    from orchestrator.ray_backend import start_local_ray
+
+    start_local_ray(num_cpus=1)
+    folder = "s3://bucket/ray/leases"  # never touched: the board keys leases by this path
+    a, b = Lease(folder, "model-x", "a"), Lease(folder, "model-x", "b")
+    assert a.acquire() and not b.acquire() and a.acquire() and b.read().owner == "a"
+    a.release()
+    assert b.acquire() and b.read().owner == "b" and b.alive()
+    b.release()
+    stale = Lease(folder, "model-y", "gone", seconds=0.2)
+    assert stale.acquire()
+    time.sleep(0.4)
+    taker = Lease(folder, "model-y", "me")
+    assert taker.acquire() and taker.read().owner == "me"
+    held = Lease(folder, "model-z", "holder", seconds=0.6)
+    assert held.acquire()
+    held.hold()
+    time.sleep(1.5)  # the heartbeat renews it
+    assert not Lease(folder, "model-z", "other").acquire()
+    held.release()
+    assert not Lease(folder, "model-z", "other").alive()
