@@ -11,8 +11,8 @@ folders alike, which is what a ``storage_path`` every node sees is.
 
 Object stores (an ``s3://`` storage_path) have no exclusive create that pyarrow exposes,
 so there the leases live in the cluster's lease board: one detached Ray actor
-(``diffad-leases``) holding the same records under the same rules, with compare-and-swap
-for takeovers. Sweeps that share a bucket must then share the Ray cluster too.
+(``diffad-leases``, created by orchestrator/ray_backend.py) holding the same records under
+the same rules, with compare-and-swap for takeovers. Sweeps that share a bucket must then share the Ray cluster too.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def pid_alive(pid: int) -> bool:
 
 
 class LeaseBoard:
-    """The leases of an object-store storage_path, in one detached Ray actor per cluster
-    (see :func:`lease_board`). Records are the file backend's JSON bodies, keyed by path."""
+    """The leases of an object-store storage_path. Runs as one detached Ray actor per
+    cluster (orchestrator.ray_backend.ClusterLeaseBoard); records are the file leases'
+    JSON bodies, keyed by path."""
 
     def __init__(self):
         self.records: dict[str, dict] = {}
@@ -86,26 +87,15 @@ class LeaseBoard:
         self.take_over(path, owner)
 
 
-_BOARD = None
-
-
-def lease_board():
-    """The cluster's lease board actor (created by the first sweep that needs it)."""
-    global _BOARD
-    if _BOARD is None:
-        import ray
-
-        _BOARD = ray.remote(num_cpus=0)(LeaseBoard).options(name="diffad-leases", namespace="diffad", lifetime="detached",
-                                                          get_if_exists=True).remote()
-    return _BOARD
-
-
 class Lease:
     """One named lease under ``folder`` (a local folder or an object-store URI, see the
     module's docstring); ``acquire`` is non-blocking."""
 
-    def __init__(self, folder: str | Path, name: str, owner: str, seconds: float = LEASE_SECONDS):
+    def __init__(self, folder: str | Path, name: str, owner: str, seconds: float = LEASE_SECONDS, board=None):
         self.on_board = str(folder).startswith(REMOTE_SCHEMES)
+        if self.on_board and board is None:
+            raise ValueError(f"leases under {folder} (object storage) need the cluster's lease board")
+        self.board = board  # a LeaseBoard (or its synchronous actor face) for object storage
         self.path = f"{str(folder).rstrip('/')}/{name}.json" if self.on_board else Path(folder) / f"{name}.json"
         self.owner, self.seconds = owner, seconds
         self._stop = threading.Event()
@@ -120,9 +110,7 @@ class Lease:
     def read(self) -> LeaseInfo | None:
         try:
             if self.on_board:
-                import ray
-
-                raw = ray.get(lease_board().get.remote(self.path))
+                raw = self.board.get(self.path)
                 if raw is None:
                     return None
             else:
@@ -160,23 +148,18 @@ class Lease:
         return True
 
     def _acquire_on_board(self) -> bool:
-        import ray
-
-        board = lease_board()
         current = self.read()
         if current is not None and current.owner == self.owner:
             self.renew()
             return True
         if current is not None and current.expired:
             log.warning("lease %s of %s (host %s, pid %d) expired; taking it over", self.path, current.owner, current.host, current.pid)
-            ray.get(board.take_over.remote(self.path, current.owner))
-        return ray.get(board.create.remote(self.path, self._record()))
+            self.board.take_over(self.path, current.owner)
+        return self.board.create(self.path, self._record())
 
     def renew(self) -> None:
         if self.on_board:
-            import ray
-
-            ray.get(lease_board().put.remote(self.path, self._record()))
+            self.board.put(self.path, self._record())
             return
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
         tmp.write_bytes(self._body())
@@ -203,8 +186,6 @@ class Lease:
         current = self.read()
         if current is not None and current.owner == self.owner:
             if self.on_board:
-                import ray
-
-                ray.get(lease_board().drop.remote(self.path, self.owner))
+                self.board.drop(self.path, self.owner)
             else:
                 self.path.unlink(missing_ok=True)

@@ -46,7 +46,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from methods.base import MethodConfig
 from orchestrator import search_space as spaces
 from orchestrator.errors import ConfigError
-from orchestrator.leases import Lease
+from orchestrator.leases import LEASE_SECONDS, Lease, LeaseBoard
 from orchestrator.plan import SweepPlan
 from orchestrator.results import ModelEvaluation, TrialResult, model_evaluation_from_json, model_evaluation_json, tune_report
 from orchestrator.storage import Storage
@@ -75,6 +75,25 @@ def connect() -> None:
         ray.init(log_to_driver=True)
     else:
         start_local_ray()
+
+
+class ClusterLeaseBoard:
+    """The synchronous face of the cluster's lease-board actor (the leases of an
+    object-store storage_path, see orchestrator/leases.py): one detached actor per
+    cluster, created by whichever process needs it first."""
+
+    def __init__(self):
+        self.actor = ray.remote(num_cpus=0)(LeaseBoard).options(name="diffad-leases", namespace="diffad", lifetime="detached",
+                                                              get_if_exists=True).remote()
+
+    def __getattr__(self, op: str):
+        method = getattr(self.actor, op)
+        return lambda *args: ray.get(method.remote(*args))
+
+
+def lease_for(storage: Storage, name: str, owner: str, seconds: float = LEASE_SECONDS) -> Lease:
+    """A lease under ``<storage>/leases``: a file there, or a record on the cluster's board."""
+    return Lease(storage.join("leases"), name, owner, seconds, board=ClusterLeaseBoard() if storage.remote else None)
 
 
 def check_shared_storage(storage: Storage) -> None:
@@ -308,7 +327,7 @@ def ensure_model(context: TrialContext, method: str, config: MethodConfig, categ
         # retrain=true: only a version published by this sweep counts
         return store.exists(key) and (not settings.retrain or store.meta(key).get("sweep") == context.sweep_name)
 
-    lease = Lease(context.storage.join("leases"), f"model-{key.key}", owner=f"{context.sweep_name}/{owner}")
+    lease = lease_for(context.storage, f"model-{key.key}", owner=f"{context.sweep_name}/{owner}")
     waited = 0.0
     while not ready():
         if lease.acquire():

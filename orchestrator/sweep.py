@@ -27,7 +27,6 @@ from typing import Any
 from orchestrator import search_space as spaces
 from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, redact_uri, settings_keys
 from orchestrator.errors import ConfigError, UserError
-from orchestrator.leases import Lease
 from orchestrator.storage import Storage
 from orchestrator.plan import SweepPlan, plan, sweep_prefix
 
@@ -114,7 +113,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
 
     # The sweep's lease says its driver is alive (a second driver of the same sweep is
     # refused); runs of sweeps on this storage whose lease expired (SIGKILL) are closed.
-    lease = Lease(storage.join("leases"), f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
+    lease = ray_backend.lease_for(storage, f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
     if not lease.acquire():
         holder = lease.read()
         raise ConfigError(f"sweep {sweep_name} is running (driver {holder.host if holder else '?'} pid {holder.pid if holder else '?'}); "
@@ -137,7 +136,7 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     # 3. the parent run (after closing the runs of dead sweeps on this storage)
     uri = tracking.resolve_uri(s.tracking_uri)
     for name in tracking.close_dead_sweeps(uri, sweep.space.name, storage.uri,
-                                           alive=lambda other: Lease(storage.join("leases"), f"sweep-{other}", "").alive()):
+                                           alive=lambda other: ray_backend.lease_for(storage, f"sweep-{other}", "").alive()):
         log.warning("sweep %s had died (its lease expired): its RUNNING runs are marked KILLED", name)
     parent = tracking.SweepRun(uri, sweep.space.name)
     parent.open(sweep_name, {**sweep_tags(sweep, tracking.git_commit()), "storage": storage.uri},

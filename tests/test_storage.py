@@ -46,24 +46,26 @@ def test_uris_and_their_checks(tmp_path):
 def test_lease_board_leases_follow_the_file_rules(ray_shutdown):
     """On an object store the leases live in the cluster's lease-board actor: one owner at
     a time, renewal, release, and an expired lease taken over (compare-and-swap)."""
-    from orchestrator.ray_backend import start_local_ray
+    from orchestrator.ray_backend import lease_for, start_local_ray
 
     start_local_ray(num_cpus=1)
-    folder = "s3://bucket/ray/leases"  # never touched: the board keys leases by this path
-    a, b = Lease(folder, "model-x", "a"), Lease(folder, "model-x", "b")
+    storage = Storage("s3://bucket/ray")  # never opened: the board keys leases by their path
+    with pytest.raises(ValueError, match="lease board"):
+        Lease(storage.join("leases"), "model-x", "a")
+    a, b = lease_for(storage, "model-x", "a"), lease_for(storage, "model-x", "b")
     assert a.acquire() and not b.acquire() and a.acquire() and b.read().owner == "a"
     a.release()
     assert b.acquire() and b.read().owner == "b" and b.alive()
     b.release()
-    stale = Lease(folder, "model-y", "gone", seconds=0.2)
+    stale = lease_for(storage, "model-y", "gone", seconds=0.2)
     assert stale.acquire()
     time.sleep(0.4)
-    taker = Lease(folder, "model-y", "me")
+    taker = lease_for(storage, "model-y", "me")
     assert taker.acquire() and taker.read().owner == "me"
-    held = Lease(folder, "model-z", "holder", seconds=0.6)
+    held = lease_for(storage, "model-z", "holder", seconds=0.6)
     assert held.acquire()
     held.hold()
     time.sleep(1.5)  # the heartbeat renews it
-    assert not Lease(folder, "model-z", "other").acquire()
+    assert not lease_for(storage, "model-z", "other").acquire()
     held.release()
-    assert not Lease(folder, "model-z", "other").alive()
+    assert not lease_for(storage, "model-z", "other").alive()
