@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) -m bench.diffusionad_paradigms
 	$(PY) -m bench.mdps_sampling
 	$(PY) -m bench.paper_scale
+	$(PY) -m bench.cluster_schedule
 
 # Every method at scale=paper on this CPU: parameters, one training step, one minimal inference.
 paper-scale: $(STAMP)

@@ -257,13 +257,23 @@ def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any])
         mlflow_client.log_batch(run_id, params=fresh[start : start + 100])
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (``mlruns/`` in
+    the database's folder; MLflow's own default, ``./mlruns`` of the driver's working
+    folder, is the job's temporary copy under ``ray job submit``); None for a server,
+    which decides (``--artifacts-destination``)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    return None
+
+
 class SweepRun:
     """The sweep's parent run."""
 
     def __init__(self, uri: str, experiment_name: str):
         self.uri = uri
         self.client = client(uri)
-        self.experiment = experiment_id(self.client, experiment_name)
+        self.experiment = experiment_id(self.client, experiment_name, artifact_root(uri))
         self.run_id = ""
 
     def open(self, sweep_name: str, tags: dict[str, str], params: dict[str, Any], resume: bool) -> str:

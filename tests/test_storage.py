@@ -69,3 +69,16 @@ def test_lease_board_leases_follow_the_file_rules(ray_shutdown):
     assert not lease_for(storage, "model-z", "other").acquire()
     held.release()
     assert not lease_for(storage, "model-z", "other").alive()
+
+
+def test_a_sqlite_stores_artifacts_live_beside_it_not_in_the_working_folder(tmp_path, empty_store, monkeypatch):
+    """Under `ray job submit` the driver's working folder is the job's temporary copy."""
+    import shutil
+
+    from orchestrator import tracking
+
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path.parent)
+    sweep = tracking.SweepRun(f"sqlite:///{tmp_path / 'mlflow.db'}", "transfusion_steps")
+    assert sweep.client.get_experiment(sweep.experiment).artifact_location == (tmp_path / "mlruns").as_uri()
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None
