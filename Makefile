@@ -13,7 +13,7 @@ LOCK_TOOLS := .venv-lock
 PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet --strip-extras \
 	--allow-unsafe --no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: run test test-long test-fast bench paper-scale mutation gpu-wheels lock lint-docker clean
+.PHONY: run test test-long test-fast bench paper-scale generality selection mutation gpu-wheels lock lint-docker clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,15 @@ bench: $(STAMP)
 	$(PY) -m bench.mdps_sampling
 	$(PY) -m bench.paper_scale
 	$(PY) -m bench.cluster_schedule
+
+# Every method on the frozen generality set (defects no method trains or selects on), 3 training
+# seeds; about an hour on 2 cores. Not part of `make test` or `make bench`.
+generality: $(STAMP)
+	$(PY) -m bench.generality
+
+# Does validation rank configurations as the test does (λ grid, steps x 3 seeds)? ~1-2 h on 2 cores.
+selection: $(STAMP)
+	$(PY) -m bench.selection
 
 # Every method at scale=paper on this CPU: parameters, one training step, one minimal inference.
 paper-scale: $(STAMP)

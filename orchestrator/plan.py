@@ -67,6 +67,12 @@ class SweepPlan:
         return self.space.methods or (self.space.method,)
 
     @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """(metric, mode) pairs the search optimises: ``objectives=`` or the space's metric."""
+        names = self.settings.objectives or [self.space.metric]
+        return tuple((n, spaces.SPEED_OBJECTIVES.get(n, self.space.mode if n == self.space.metric else "max")) for n in names)
+
+    @property
     def per_category_trials(self) -> bool:
         """Grid searches of a per-category method run one trial per (point, category); a
         benchmark runs one trial per method, over all categories."""
@@ -284,6 +290,31 @@ def sweep_prefix(ablation: str, dataset: str) -> str:
     return f"{ablation}-{dataset}"
 
 
+def check_objectives(space: spaces.SearchSpace, settings: Settings) -> None:
+    """``objectives=[...]``: a multi-objective Optuna search. The space's own metric comes
+    first (it stays the selection metric of every report); the others are validation
+    metrics or a speed (``images_per_second``, ``latency_ms``), and a speed is only
+    measured alone (``max_concurrent=1``): concurrent trials would time each other."""
+    objectives = list(settings.objectives)
+    if not objectives:
+        return
+    if space.search != "optuna":
+        raise ConfigError(f"objectives= steers an Optuna search and {space.name} is a {space.search} search (it evaluates every point); drop objectives=")
+    if space.asha:
+        raise ConfigError(f"objectives= cannot be combined with {space.name}'s ASHA scheduler (it stops trials on one metric); drop objectives=")
+    valid = [*spaces.METRICS, *spaces.SPEED_OBJECTIVES]
+    unknown = [o for o in objectives if o not in valid]
+    if unknown:
+        raise ConfigError(f"unknown objective {unknown[0]!r}; valid: {', '.join(valid)} (tuning never looks at the test split)")
+    if len(set(objectives)) != len(objectives) or len(objectives) < 2:
+        raise ConfigError(f"objectives={objectives} needs two or more distinct objectives; for one, drop objectives= (the space's metric is used)")
+    if objectives[0] != space.metric:
+        raise ConfigError(f"objectives= must start with {space.name}'s selection metric {space.metric}, e.g. objectives=[{space.metric},images_per_second]")
+    timed = [o for o in objectives if o in spaces.SPEED_OBJECTIVES]
+    if timed and settings.max_concurrent != 1:
+        raise ConfigError(f"objective {timed[0]} is timed, and {settings.max_concurrent} trials at once would time each other; add max_concurrent=1")
+
+
 def check_resume(space: spaces.SearchSpace, settings: Settings) -> None:
     """``resume=true`` needs an earlier sweep of this ablation and dataset under storage_path
     (the sweep checks that Tune can restore it, once Ray is imported)."""
@@ -303,6 +334,7 @@ def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
     if settings.seeds > 1 and space.search != "grid":
         raise ConfigError(f"seeds={settings.seeds} repeats grid points, and {space.name} is an Optuna search; "
                           "drop seeds= (or sweep the chosen point with a grid space)")
+    check_objectives(space, settings)
     check_storage(settings.storage_path)
     check_resume(space, settings)
     check_tracking_uri(settings.tracking_uri)

@@ -479,8 +479,10 @@ def param_space(plan: SweepPlan) -> tuple[dict[str, Any], ValidatedOptunaSearch 
             params["train_seed"] = tune.grid_search(list(plan.training_seeds))
         return params, None
     sampler = spaces.tpe_sampler(plan.settings.num_samples or space.num_samples, plan.settings.seed)
-    search = ValidatedOptunaSearch(metric=space.metric, mode=space.mode, points_to_evaluate=list(space.points_to_evaluate) or None,
-                          sampler=sampler)
+    metrics, modes = zip(*plan.objectives)
+    # Several objectives: Optuna's TPE ranks trials by Pareto dominance (its multi-objective mode).
+    metric, mode = (list(metrics), list(modes)) if len(metrics) > 1 else (metrics[0], modes[0])
+    search = ValidatedOptunaSearch(metric=metric, mode=mode, points_to_evaluate=list(space.points_to_evaluate) or None, sampler=sampler)
     return {a.name: distribution(a) for a in space.axes}, search
 
 
@@ -525,7 +527,9 @@ def run_sweep(context: TrialContext, sweep_name: str, recorder: TrialRecorder, r
         tuner = tune.Tuner(
             trainable,
             param_space=params,
-            tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=search_alg,
+            # A multi-objective searcher keeps its own metric list: Tune would overwrite it with one.
+            tune_config=tune.TuneConfig(metric=None if len(plan.objectives) > 1 else space.metric,
+                                        mode=None if len(plan.objectives) > 1 else space.mode, search_alg=search_alg,
                                         scheduler=ASHAScheduler(time_attr="epoch", stop_last_trials=False, **space.asha) if space.asha else None,
                                         num_samples=s.num_samples or space.num_samples, max_concurrent_trials=s.max_concurrent,
                                         # one trial-driver process serves trial after trial instead of

@@ -464,6 +464,54 @@ def agreement(space: spaces.SearchSpace, combined: Combined) -> Agreement | None
                      stats.bootstrap_tau_interval(val, test, seed=0), stats.regret_on_test(val, test, space.mode), saturated, seeds)
 
 
+@dataclass(frozen=True)
+class ParetoFront:
+    """A multi-objective sweep's non-dominated trials on its validation objectives, with
+    the test value of the selection metric's kind beside each (reported, never used)."""
+
+    objectives: tuple[tuple[str, str], ...]  # (metric, mode), the selection metric first
+    test_metric: str
+    trials: int  # finished trials with every objective
+    rows: tuple[tuple[str, tuple[float, ...], float], ...]  # (row label, objective values, test value), best first objective first
+
+    def header(self) -> list[str]:
+        return ["Row", *(f"{name} ({mode})" for name, mode in self.objectives), self.test_metric]
+
+    def cells(self) -> list[list[str]]:
+        return [[label, *(f"{v:.4g}" for v in values), f"{test:.4g}"] for label, values, test in self.rows]
+
+    def text(self) -> str:
+        goals = ", ".join(f"{n} ({m})" for n, m in self.objectives)
+        rows = "; ".join(f"{label}: " + ", ".join(f"{v:.4g}" for v in values) + f" -> {self.test_metric} {test:.4g}"
+                         for label, values, test in self.rows)
+        return f"Pareto front on validation ({goals}): {len(self.rows)} of {self.trials} trials — {rows}"
+
+
+def objectives_of(sweep: Sweep, space: spaces.SearchSpace) -> tuple[tuple[str, str], ...]:
+    """The (metric, mode) objectives a sweep optimised (its ``objectives`` tag), else the space's metric."""
+    names = [n for n in _text(sweep.run.get("tags.objectives")).split(",") if n] or [space.metric]
+    return tuple((n, spaces.SPEED_OBJECTIVES.get(n, space.mode if n == space.metric else "max")) for n in names)
+
+
+def pareto(space: spaces.SearchSpace, sweep: Sweep) -> ParetoFront | None:
+    """The Pareto front of a multi-objective sweep's finished trials; None for one objective."""
+    objectives = objectives_of(sweep, space)
+    columns = [f"metrics.{n}" for n, _ in objectives]
+    if len(objectives) < 2 or sweep.trials.empty or not all(c in sweep.trials for c in columns):
+        return None
+    done = sweep.trials[sweep.trials["status"] == "FINISHED"].dropna(subset=columns)
+    if done.empty:
+        return None
+    key = test_key_of(space.metric)
+    test_column = f"metrics.{PAPER_METRICS[key].column}" if key else columns[0]
+    labels = row_labels(space, done)
+    front = stats.pareto_front(done[columns].to_numpy(), [m for _, m in objectives])
+    picked = done.iloc[front]
+    rows = sorted(((labels.iloc[i], tuple(float(v) for v in picked.iloc[j][columns]), float(picked.iloc[j].get(test_column, np.nan)))
+                   for j, i in enumerate(front)), key=lambda r: r[1][0], reverse=objectives[0][1] == "max")
+    return ParetoFront(objectives, test_column.removeprefix("metrics."), len(done), tuple(rows))
+
+
 def agreement_lines(space: spaces.SearchSpace, uri: str, sweep: str) -> list[str]:
     """The agreement of one finished sweep, a line per dataset (printed at the end of a sweep)."""
     lines = []
@@ -471,6 +519,9 @@ def agreement_lines(space: spaces.SearchSpace, uri: str, sweep: str) -> list[str
         comb = combine(space, sel, default_label(space, sel.identity.scale or space.scale))
         agreed = agreement(space, comb)
         lines.append(f"{dataset_title(sel.dataset)}: " + (agreed.text() if agreed else "fewer than two rows with validation and test values: no agreement to measure"))
+        front = pareto(space, sel.newest)
+        if front:
+            lines.append(f"{dataset_title(sel.dataset)}: {front.text()}")
     return lines
 
 
@@ -597,6 +648,9 @@ def build_table(space: spaces.SearchSpace, selections: list[Selection]) -> tuple
         agreed = agreement(space, comb)
         if agreed:
             best_notes.append(f"{name}: {agreed.text()}")
+        front = pareto(space, sel.newest)
+        if front:
+            best_notes.append(f"{name}: {front.text()}")
         if space.search == "optuna":
             vals = {r: comb.mean(r, "val") for r in comb.rows if not math.isnan(comb.mean(r, "val"))}
             if vals:
@@ -1071,6 +1125,7 @@ def _ablation_page(name: str, uri: str, site: Path, ui_url: str | None, pinned: 
             "maps": _sample_maps(space, sel.newest, uri, asset_dir / "maps", f"{name}/maps", comb.rows, ui_url),
             "warnings": [f"{r}: {_flags(comb, r)}" for r in comb.rows if _flags(comb, r)],
             "agreement": agreement(space, comb),
+            "pareto": pareto(space, sel.newest),
             "seeds": max([seeds_of(comb, r) for r in comb.rows] or [1]),
         })
     _, _, notes, _ = build_table(space, selections)

@@ -36,6 +36,8 @@ def _spaces_dir() -> Path:
 
 SPACES_DIR = _spaces_dir()
 METRICS = VALIDATION_METRICS  # a sweep optimises validation metrics only
+# Objectives a multi-objective search may add (settings `objectives=`): speed, with its direction.
+SPEED_OBJECTIVES = {"images_per_second": "max", "latency_ms": "min"}
 DISTRIBUTIONS = ("grid", "uniform", "loguniform", "int", "choice")
 TOP_KEYS = {
     "description", "method", "methods", "dataset", "categories", "scale", "fixed", "default_label", "axes",

@@ -8,6 +8,7 @@ say how far that choice can be trusted:
     regret_on_test(val, test, mode)  test points lost by taking the validation-best trial
     noise_verdict(Δ, s_row, s_def, n)  is an ablation row's Δ to the default row beyond seed noise?
     is_saturated(values, seed_stds)  does the selection metric separate the trials at all?
+    pareto_front(points, modes)      the trials no other trial beats on every objective
 
 Metrics are on the scale MLflow stores them (0-1; reports print points = 100 x).
 """
@@ -113,3 +114,24 @@ def is_saturated(values: Sequence[float], seed_stds: Sequence[float] | None = No
     if seed_stds is not None and len(seed_stds) > 0:
         return spread < float(np.mean(seed_stds))
     return spread < min_spread
+
+
+def pareto_front(points: Sequence[Sequence[float]], modes: Sequence[Literal["max", "min"]]) -> list[int]:
+    """Indices (ascending) of the non-dominated points of a multi-objective search: point
+    a dominates b when a is at least as good on every objective and strictly better on
+    one ("good" per objective by its mode). Equal points are all kept."""
+    values = np.asarray(points, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != len(modes):
+        raise ValueError(f"expected one value per objective ({len(modes)}) for each point, got shape {values.shape}")
+    if np.isnan(values).any():
+        raise ValueError("a point has NaN: leave out the trials without every objective")
+    unknown = [m for m in modes if m not in ("max", "min")]
+    if unknown:
+        raise ValueError(f"mode must be max or min, got {unknown[0]!r}")
+    gain = values * np.where(np.asarray(modes) == "max", 1.0, -1.0)  # larger is better everywhere
+    front = []
+    for i, row in enumerate(gain):
+        dominated = ((gain >= row).all(axis=1) & (gain > row).any(axis=1)).any()
+        if not dominated:
+            front.append(i)
+    return front

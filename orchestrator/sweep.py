@@ -75,6 +75,7 @@ def trial_params(sweep: SweepPlan, trial_config: dict[str, Any]) -> dict[str, An
 def sweep_tags(sweep: SweepPlan, git_commit: str) -> dict[str, str]:
     return {"ablation": sweep.space.name, "dataset": sweep.settings.dataset, "scale": sweep.scale, "method": ",".join(sweep.methods),
             "git_commit": git_commit, "search": sweep.space.search, "selection_metric": sweep.space.metric,
+            "objectives": ",".join(name for name, _ in sweep.objectives),
             "method_overrides": " ".join(f"method.{k}={v}" for k, v in sorted(sweep.method_overrides.items())) or "none"}
 
 

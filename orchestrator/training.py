@@ -263,13 +263,16 @@ def run_local(
     cache_dir: str | Path,
     data_root: str | Path | None = None,
     seed: int = 0,
+    train_seed: int | None = None,
     val_fraction: float = 0.2,
     eval_batch_size: int = 16,
     backbone_factory: BackboneFactory | None = None,
     progress: bool = False,
 ) -> LocalResult:
     """Train and evaluate in this process (no Ray, no MLflow): one model per category,
-    or one over all categories for multi-class methods. Seeded end to end."""
+    or one over all categories for multi-class methods. Seeded end to end: ``seed`` draws the
+    validation split, ``train_seed`` (default ``seed``) the initialisation, batches and noise,
+    as a sweep's ``seeds=N`` repeats do."""
     from orchestrator.config import resolve_method_config
 
     cls = get_method(method)
@@ -280,17 +283,18 @@ def run_local(
     test: dict[str, metric_fns.Metrics] = {}
     models: dict[str, AnomalyMethod] = {}
     train_seconds = predict_seconds = 0.0
+    train_seed = seed if train_seed is None else train_seed
     for group in groups:
         config = resolve_method_config(method, scale, cls.category_overrides(group), overrides or {})
         datas = load_datas(data, group, config)
         textures = data.texture_bank(datas[0].train_images.shape[-1])
-        torch.manual_seed(seed)
+        torch.manual_seed(train_seed)
         model = build_model(method, config, backbone_factory or default_backbone_factory).to(device)
-        train_seconds += fit(model, model.configure_optimizers(), training_data(datas, textures), config, seed, device, progress=progress)
+        train_seconds += fit(model, model.configure_optimizers(), training_data(datas, textures), config, train_seed, device, progress=progress)
         for position, d in enumerate(datas):
             calibrate_on_validation_normals(model, d, position, device)
-            val[d.category] = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, position, eval_batch_size, seed, device).metrics
-            result = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, position, eval_batch_size, seed, device)
+            val[d.category] = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, position, eval_batch_size, train_seed, device).metrics
+            result = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, position, eval_batch_size, train_seed, device)
             test[d.category] = result.metrics
             predict_seconds += result.prediction.seconds
         models["+".join(group)] = model

@@ -15,6 +15,7 @@ from orchestrator.selection import (
     is_saturated,
     kendall_tau_b,
     noise_verdict,
+    pareto_front,
     regret_on_test,
 )
 
@@ -99,6 +100,27 @@ def test_saturation():
     # Several seeds: compared with the mean std over rows instead.
     assert is_saturated([0.91, 0.93, 0.90], seed_stds=[0.03, 0.05])  # spread 0.03 < seed noise 0.04
     assert not is_saturated([0.91, 0.93, 0.90], seed_stds=[0.01, 0.02])
+
+
+# ---------------------------------------------------------------------------- Pareto front
+
+
+def test_pareto_front_by_hand():
+    # (validation AUROC max, images/s max): b beats d on both; a, b, c trade one for the other.
+    points = [[0.99, 2.0], [0.95, 5.0], [0.90, 9.0], [0.94, 4.0], [0.90, 9.0]]
+    assert pareto_front(points, ["max", "max"]) == [0, 1, 2, 4]  # equal points are both kept
+    # latency is minimised: 40 ms beats 50 ms at the same AUROC
+    assert pareto_front([[0.9, 50.0], [0.9, 40.0], [0.8, 10.0]], ["max", "min"]) == [1, 2]
+    assert pareto_front([[1.0, 1.0]], ["max", "min"]) == [0]
+
+
+def test_pareto_front_bad_input():
+    with pytest.raises(ValueError, match="one value per objective"):
+        pareto_front([[1.0, 2.0]], ["max"])
+    with pytest.raises(ValueError, match="NaN"):
+        pareto_front([[1.0, float("nan")]], ["max", "max"])
+    with pytest.raises(ValueError, match="max or min"):
+        pareto_front([[1.0, 2.0]], ["max", "up"])
 
 
 # ---------------------------------------------------------------------------- the Optuna sampler

@@ -2,7 +2,7 @@
 
 One inference-only Optuna sweep (TransFusion λ) checks train-once-evaluate-many, the
 MLflow layout (parent + one child per trial, params, metrics, images) and the report; a
-second run of the same sweep must train nothing. An inference-only grid (TransFusion's
+second run of the same sweep, with two objectives, must train nothing and report a Pareto front. An inference-only grid (TransFusion's
 final-mask rows) is interrupted with Ctrl-C after its first finished trial and resumed
 with resume=true: only the missing trials run, into the same MLflow runs.
 """
@@ -75,10 +75,17 @@ def test_inference_only_sweep_trains_once_and_logs_everything(tmp_path, cache_di
     board = (tmp_path / "reports" / "leaderboard.md").read_text()  # the λ = 0.95 start point is the default row
     assert "| transfusion | Synthetic | smoke |" in board and "method.epochs=1 method.steps=5" in board
 
-    again = sweep.run(args)  # same training config: everything comes from the model store
+    # Same training config: everything comes from the model store. This time two objectives
+    # (validation AUROC and throughput, timed one trial at a time): a Pareto front is reported.
+    multi = [a for a in args if not a.startswith("max_concurrent")] + ["objectives=[val_image_auroc,images_per_second]", "max_concurrent=1"]
+    again = sweep.run(multi)
     runs = mlflow.search_runs(experiment_names=["transfusion_lambda"])
     newest = runs[(runs["tags.kind"] == "trial") & (runs["tags.mlflow.parentRunId"] == again["parent_run_id"])]
-    assert len(newest) == 3 and newest["metrics.models_trained"].sum() == 0
+    assert len(newest) == 3 and newest["metrics.models_trained"].sum() == 0 and again["failed"] == 0
+    parent = runs[runs["run_id"] == again["parent_run_id"]].iloc[0]
+    assert parent["tags.objectives"] == "val_image_auroc,images_per_second"
+    text = report.read_text()
+    assert "Pareto front on validation (val_image_auroc (max), images_per_second (max))" in text, text
 
 
 def test_interrupted_sweep_resumes_only_the_missing_trials(tmp_path, cache_dir, category, ray_shutdown, monkeypatch):

@@ -14,6 +14,7 @@ from typing import Protocol
 from orchestrator.data.btad import btad
 from orchestrator.data.dagm import DagmDataset
 from orchestrator.data.folder import FolderDataset
+from orchestrator.data.generality import GeneralityDataset
 from orchestrator.data.mvtec import CategoryFiles, MVTecLayout
 from orchestrator.data.synthetic import SyntheticDataset
 from orchestrator.data.visa import VisaDataset
@@ -44,6 +45,7 @@ DATASETS: dict[str, DatasetAdapter] = {
     "dagm": DagmDataset(),  # Class1..Class10, Labels.txt; train = Train/ non-defective, test = all of Test/; all textures
     "folder": FolderDataset(),  # your own normal/, abnormal/, masks/ (see folder.py for the protocol)
     "synthetic": SyntheticDataset(),
+    "generality": GeneralityDataset(),  # frozen real-photo set for bench.generality; defects no method trains or selects on
 }
 
 
