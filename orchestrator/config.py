@@ -72,7 +72,7 @@ class Settings:
     seeds: int = 1  # training seeds per grid point: seed, seed+1, ..., seed+seeds-1 (the data split keeps seed)
     trial: TrialConfig = field(default_factory=TrialConfig)
     max_concurrent: int = 2  # trials running at once
-    objectives: list[str] = field(default_factory=list)  # Optuna only: several objectives (Pareto front), the space's metric first, e.g. [val_image_auroc,images_per_second]
+    objectives: list[str] = field(default_factory=list)  # Optuna only: several objectives (Pareto front), the space's metric first, e.g. [val_pixel_ap,images_per_second]
     num_samples: Optional[int] = None  # override the search space's number of samples
     max_failures: int = 1  # retries of a failed trial (Tune) and of a failed worker group (Train)
     resume: bool = False  # finish an interrupted sweep (Tuner.restore)

@@ -57,7 +57,7 @@ from orchestrator.results import metric_name
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = {"mvtec_ad": "MVTec AD", "visa": "VisA", "btad": "BTAD", "mpdd": "MPDD", "dagm": "DAGM", "synthetic": "Synthetic", "folder": "Folder"}
+DATASET_NAMES = {"mvtec_ad": "MVTec AD", "visa": "VisA", "btad": "BTAD", "mpdd": "MPDD", "dagm": "DAGM", "synthetic": "Synthetic", "generality": "Generality", "folder": "Folder"}
 HEADLINE = {"det": metric_name("test", "image_auroc"), "loc": metric_name("test", "aupro")}
 
 

@@ -10,6 +10,7 @@ from test_datasets import build_dagm, build_folder, build_mvtec_like, build_visa
 
 BUILDERS = {
     "synthetic": None,
+    "generality": None,  # generated into the cache like synthetic
     "mvtec_ad": lambda root: build_mvtec_like(root, "bottle"),
     "mpdd": lambda root: build_mvtec_like(root, "bracket_black"),
     "btad": lambda root: build_mvtec_like(root, "01", good="ok", defect="ko", suffix=".bmp", mask_name="{stem}.png", fmt="BMP"),

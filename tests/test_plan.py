@@ -47,26 +47,26 @@ def test_objectives_make_a_multi_objective_optuna_search(cache_dir):
     from orchestrator.ray_backend import param_space
 
     values = {"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir), "num_samples": 2, "max_concurrent": 1,
-              "objectives": ["val_image_auroc", "latency_ms"]}
+              "objectives": ["val_pixel_ap", "latency_ms"]}
     sweep = plan(values, {})
-    assert sweep.objectives == (("val_image_auroc", "max"), ("latency_ms", "min"))
+    assert sweep.objectives == (("val_pixel_ap", "max"), ("latency_ms", "min"))
     space, search = param_space(sweep)
-    assert search.metric == ["val_image_auroc", "latency_ms"] and search.mode == ["max", "min"]
+    assert search.metric == ["val_pixel_ap", "latency_ms"] and search.mode == ["max", "min"]
     search.set_search_properties(None, None, space)  # what Tune does with TuneConfig(metric=None)
     assert search._ot_study.directions[1].name == "MINIMIZE"
     search.suggest("t1")
     search.on_trial_result("t1", {"epoch": 1, "training_iteration": 1})
-    search.on_trial_complete("t1", {"val_image_auroc": 0.9, "latency_ms": 40.0, "training_iteration": 2})
+    search.on_trial_complete("t1", {"val_pixel_ap": 0.9, "latency_ms": 40.0, "training_iteration": 2})
     assert search._ot_study.get_trials()[0].values == [0.9, 40.0]
-    assert plan({**values, "objectives": []}, {}).objectives == (("val_image_auroc", "max"),)
+    assert plan({**values, "objectives": []}, {}).objectives == (("val_pixel_ap", "max"),)
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"objectives": ["val_image_auroc", "images_per_second"]}, "add max_concurrent=1"),
-    ({"objectives": ["val_aupro", "val_image_auroc"]}, "must start with transfusion_lambda's selection metric val_image_auroc"),
-    ({"objectives": ["val_image_auroc", "test_image_auroc"]}, "unknown objective 'test_image_auroc'"),
-    ({"objectives": ["val_image_auroc"]}, "two or more distinct objectives"),
-    ({"objectives": ["val_image_auroc", "val_aupro"], "ablation": "transfusion_steps"}, "is a grid search"),
+    ({"objectives": ["val_pixel_ap", "images_per_second"]}, "add max_concurrent=1"),
+    ({"objectives": ["val_aupro", "val_pixel_ap"]}, "must start with transfusion_lambda's selection metric val_pixel_ap"),
+    ({"objectives": ["val_pixel_ap", "test_image_auroc"]}, "unknown objective 'test_image_auroc'"),
+    ({"objectives": ["val_pixel_ap"]}, "two or more distinct objectives"),
+    ({"objectives": ["val_pixel_ap", "val_aupro"], "ablation": "transfusion_steps"}, "is a grid search"),
 ])
 def test_bad_objectives_are_one_line_errors(cache_dir, values, message):
     with pytest.raises(ConfigError, match=message):

@@ -77,15 +77,15 @@ def test_inference_only_sweep_trains_once_and_logs_everything(tmp_path, cache_di
 
     # Same training config: everything comes from the model store. This time two objectives
     # (validation AUROC and throughput, timed one trial at a time): a Pareto front is reported.
-    multi = [a for a in args if not a.startswith("max_concurrent")] + ["objectives=[val_image_auroc,images_per_second]", "max_concurrent=1"]
+    multi = [a for a in args if not a.startswith("max_concurrent")] + ["objectives=[val_pixel_ap,images_per_second]", "max_concurrent=1"]
     again = sweep.run(multi)
     runs = mlflow.search_runs(experiment_names=["transfusion_lambda"])
     newest = runs[(runs["tags.kind"] == "trial") & (runs["tags.mlflow.parentRunId"] == again["parent_run_id"])]
     assert len(newest) == 3 and newest["metrics.models_trained"].sum() == 0 and again["failed"] == 0
     parent = runs[runs["run_id"] == again["parent_run_id"]].iloc[0]
-    assert parent["tags.objectives"] == "val_image_auroc,images_per_second"
+    assert parent["tags.objectives"] == "val_pixel_ap,images_per_second"
     text = report.read_text()
-    assert "Pareto front on validation (val_image_auroc (max), images_per_second (max))" in text, text
+    assert "Pareto front on validation (val_pixel_ap (max), images_per_second (max))" in text, text
 
 
 def test_interrupted_sweep_resumes_only_the_missing_trials(tmp_path, cache_dir, category, ray_shutdown, monkeypatch):
