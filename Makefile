@@ -67,9 +67,11 @@ bench: $(STAMP)
 	$(PY) -m bench.cluster_schedule
 
 # Every method on the frozen generality set (defects no method trains or selects on), 3 training
-# seeds; about an hour on 2 cores. Not part of `make test` or `make bench`.
+# seeds: first each preset as it is, then the setting each method's validation split chooses
+# among bench/generality.py's GRIDS; about three hours on 2 cores. Not part of `make test` or `make bench`.
 generality: $(STAMP)
 	$(PY) -m bench.generality
+	$(PY) -m bench.generality --select
 
 # Does validation rank configurations as the test does (λ grid, steps x 3 seeds)? ~1-2 h on 2 cores.
 selection: $(STAMP)

@@ -253,6 +253,18 @@ class LocalResult:
     models: dict[str, AnomalyMethod]  # category (or "+"-joined categories) -> trained model
 
 
+def train_local(method: str, config: MethodConfig, data: DataSpec, categories: Sequence[str], train_seed: int, device: torch.device,
+                backbone_factory: BackboneFactory | None = None, progress: bool = False) -> tuple[AnomalyMethod, list[CategoryData], float]:
+    """Train one model on ``categories``' training images in this process (no Ray, no
+    MLflow), seeded by ``train_seed``; returns it, the categories' data and the seconds."""
+    datas = load_datas(data, categories, config)
+    textures = data.texture_bank(datas[0].train_images.shape[-1])
+    torch.manual_seed(train_seed)
+    model = build_model(method, config, backbone_factory or default_backbone_factory).to(device)
+    seconds = fit(model, model.configure_optimizers(), training_data(datas, textures), config, train_seed, device, progress=progress)
+    return model, datas, seconds
+
+
 def run_local(
     method: str,
     categories: Sequence[str],
@@ -286,11 +298,8 @@ def run_local(
     train_seed = seed if train_seed is None else train_seed
     for group in groups:
         config = resolve_method_config(method, scale, cls.category_overrides(group), overrides or {})
-        datas = load_datas(data, group, config)
-        textures = data.texture_bank(datas[0].train_images.shape[-1])
-        torch.manual_seed(train_seed)
-        model = build_model(method, config, backbone_factory or default_backbone_factory).to(device)
-        train_seconds += fit(model, model.configure_optimizers(), training_data(datas, textures), config, train_seed, device, progress=progress)
+        model, datas, seconds = train_local(method, config, data, group, train_seed, device, backbone_factory, progress)
+        train_seconds += seconds
         for position, d in enumerate(datas):
             calibrate_on_validation_normals(model, d, position, device)
             val[d.category] = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, position, eval_batch_size, train_seed, device).metrics

@@ -66,3 +66,63 @@ def test_a_leftover_partial_folder_is_refused_with_the_fix(tmp_path):
     (root / "stray.txt").write_text("x")
     with pytest.raises(Exception, match="delete that folder"):
         get_adapter("generality").resolve_root(None, tmp_path)
+
+
+class _FakeModel:
+    """Stands in for a trained model in bench.generality.select: only its config matters."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def to(self, device):
+        return self
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("grid, val_by_blur, expected", [
+    # blur 8 is best on validation; patch_size 5 needs its own training
+    ([{}, {"blur_sigma": 4.0}, {"blur_sigma": 8.0}, {"patch_size": 5}], {2.0: 0.7, 4.0: 0.7, 8.0: 0.8}, 2),
+    ([{}, {"blur_sigma": 4.0}], {2.0: 0.7, 4.0: 0.7}, 0),  # a tie keeps the preset
+])
+def test_select_tunes_on_validation_and_tests_only_the_chosen_setting(monkeypatch, grid, val_by_blur, expected):
+    from types import SimpleNamespace
+
+    from bench import generality as bench
+
+    trainings, test_calls = [], []
+
+    def train_local(method, config, data, group, seed, device):
+        trainings.append((config.patch_size, seed))
+        splits = [SimpleNamespace(category=c, val_images="val", val_masks=None, val_labels=None,
+                                  test_images="test", test_masks=None, test_labels=None) for c in group]
+        return _FakeModel(config), splits, 0.0
+
+    def evaluate_split(model, images, masks, labels, position, batch_size, seed, device):
+        if images == "test":
+            test_calls.append((model.config.blur_sigma, seed))
+            value = 0.1
+        else:
+            value = val_by_blur.get(model.config.blur_sigma, 0.6) if model.config.patch_size == 3 else 0.6
+        return SimpleNamespace(metrics=SimpleNamespace(image_auroc=value))
+
+    monkeypatch.setitem(bench.GRIDS, "patchcore", grid)
+    monkeypatch.setattr(bench, "train_local", train_local)
+    monkeypatch.setattr(bench, "build_model", lambda method, config: _FakeModel(config))
+    monkeypatch.setattr(bench, "evaluate_split", evaluate_split)
+    monkeypatch.setattr(bench, "calibrate_on_validation_normals", lambda *args: None)
+
+    record = bench.select("patchcore", 2, "smoke", "unused")
+    assert record["selected"] == expected
+    chosen_blur = 2.0 if expected == 0 else grid[expected]["blur_sigma"]
+    categories = len(generality.CATEGORIES)
+    assert sorted(test_calls) == sorted([(chosen_blur, seed) for seed in range(2) for _ in range(categories)])
+    # one training per (training settings, seed, category): inference-only candidates reuse it
+    assert len(trainings) == len({(g.get("patch_size", 3)) for g in grid}) * 2 * categories
+    assert record["test_image_auroc"] == {str(s): {c: 0.1 for c in generality.CATEGORIES} for s in range(2)}
+    runs = bench.selected_runs(record)
+    assert [r["val_image_auroc"]["brick"] for r in runs] == [val_by_blur[chosen_blur]] * 2
