@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from methods import METHODS, get_method
@@ -41,7 +40,7 @@ from methods.base import config_fingerprint, training_fields
 from orchestrator.config import resolve_method_config
 from orchestrator.data import DataSpec, generality
 from orchestrator.data.registry import get_adapter
-from orchestrator.training import build_model, calibrate_on_validation_normals, evaluate_split, run_local, train_local
+from orchestrator.training import build_model, calibrate_on_validation_normals, evaluate_split, model_groups, run_local, train_local
 
 BOUND = 0.75
 
@@ -73,10 +72,10 @@ def select(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
     seeds 0..seeds-1, then evaluate only the best one (mean validation image AUROC over
     categories and seeds; the earlier candidate on a tie) on the test split."""
     cls = get_method(method)
-    groups = [list(generality.CATEGORIES)] if cls.multi_class else [[c] for c in generality.CATEGORIES]
+    groups = model_groups(cls, generality.CATEGORIES)
     data = DataSpec("generality", None, cache_dir, 0.2, 0)
     device = torch.device("cpu")
-    trained: dict[tuple, tuple] = {}  # (training fingerprint, seed, group) -> (model, datas)
+    trained: dict[tuple, tuple] = {}  # (training fingerprint, seed, group) -> (state dict, datas)
 
     def models(candidate: dict, seed: int):
         """(category, position, calibrated model, its data) of every category under ``candidate``."""
@@ -97,6 +96,7 @@ def select(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
                 trained[key] = (model.state_dict(), datas)
 
     val: list[dict[str, list[float]]] = []
+    means: list[float] = []
     for index, candidate in enumerate(GRIDS[method]):
         scores: dict[str, list[float]] = {c: [] for c in generality.CATEGORIES}
         for seed in range(seeds):
@@ -104,9 +104,8 @@ def select(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
                 result = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, position, 16, seed, device)
                 scores[category].append(float(result.metrics.image_auroc))
         val.append(scores)
-        print(f"{method} candidate {index} {candidate or 'preset'}: validation image AUROC "
-              f"{np.mean([np.mean(v) for v in scores.values()]):.3f}", flush=True)
-    means = [np.mean([np.mean(v) for v in scores.values()]) for scores in val]
+        means.append(float(np.mean([np.mean(v) for v in scores.values()])))
+        print(f"{method} candidate {index} {candidate or 'preset'}: validation image AUROC {means[-1]:.3f}", flush=True)
     best = int(np.argmax(means))  # argmax takes the first of equal values: the preset wins ties
     test: dict[str, dict[str, float]] = {}
     for seed in range(seeds):
@@ -115,7 +114,7 @@ def select(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
             result = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, position, 16, seed, device)
             test[str(seed)][category] = float(result.metrics.image_auroc)
     return {"method": method, "scale": scale, "digest": generality.FROZEN_DIGEST, "seeds": seeds, "candidates": GRIDS[method],
-            "val_image_auroc": val, "val_means": [float(m) for m in means], "selected": best, "test_image_auroc": test}
+            "val_image_auroc": val, "val_means": means, "selected": best, "test_image_auroc": test}
 
 
 def selected_runs(record: dict) -> list[dict]:
@@ -190,13 +189,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def select_all(args: argparse.Namespace, records: list[dict], path: Path) -> None:
+    def current(r: dict) -> bool:  # a record of this seed count and of today's grid
+        return r["seeds"] == args.seeds and r["candidates"] == GRIDS[r["method"]]
+
     for method in args.methods:
-        if any(r["method"] == method and r["seeds"] == args.seeds and r["candidates"] == GRIDS[method] for r in records):
+        if any(r["method"] == method and current(r) for r in records):
             continue
         records.append(select(method, args.seeds, args.scale, args.cache_dir))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(records, indent=1))
-    chosen = [r for r in records if r["method"] in args.methods and r["seeds"] == args.seeds and r["candidates"] == GRIDS[r["method"]]]
+    chosen = [r for r in records if r["method"] in args.methods and current(r)]
     print(f"\ngenerality set {generality.VERSION}, scale={args.scale}, settings chosen on validation (GRIDS), test image AUROC of the chosen one:")
     print("| method | chosen on validation | validation: preset -> chosen |")
     print("|---|---|---|")

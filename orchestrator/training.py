@@ -253,6 +253,12 @@ class LocalResult:
     models: dict[str, AnomalyMethod]  # category (or "+"-joined categories) -> trained model
 
 
+def model_groups(method_cls: type[AnomalyMethod], categories: Sequence[str]) -> list[list[str]]:
+    """The category groups that get one model each: all together for a multi-class
+    method, else one per category."""
+    return [list(categories)] if method_cls.multi_class else [[c] for c in categories]
+
+
 def train_local(method: str, config: MethodConfig, data: DataSpec, categories: Sequence[str], train_seed: int, device: torch.device,
                 backbone_factory: BackboneFactory | None = None, progress: bool = False) -> tuple[AnomalyMethod, list[CategoryData], float]:
     """Train one model on ``categories``' training images in this process (no Ray, no
@@ -288,7 +294,6 @@ def run_local(
     from orchestrator.config import resolve_method_config
 
     cls = get_method(method)
-    groups = [list(categories)] if cls.multi_class else [[c] for c in categories]
     data = DataSpec(dataset, str(data_root) if data_root else None, str(cache_dir), val_fraction, seed)
     device = torch.device("cpu")
     val: dict[str, metric_fns.Metrics] = {}
@@ -296,7 +301,7 @@ def run_local(
     models: dict[str, AnomalyMethod] = {}
     train_seconds = predict_seconds = 0.0
     train_seed = seed if train_seed is None else train_seed
-    for group in groups:
+    for group in model_groups(cls, categories):
         config = resolve_method_config(method, scale, cls.category_overrides(group), overrides or {})
         model, datas, seconds = train_local(method, config, data, group, train_seed, device, backbone_factory, progress)
         train_seconds += seconds
