@@ -207,6 +207,9 @@ class AnomalyMethod(nn.Module, abc.ABC):
     multi_class: ClassVar[bool] = False
     # Names of the anomaly generators the method trains on (see the module docstring).
     training_synthesis: ClassVar[tuple[str, ...]] = ()
+    # Seconds per image of inference that the paper reports for its own setting (None: not
+    # reported); the orchestrator's timing model uses it where nothing was measured.
+    paper_seconds_per_image: ClassVar[float | None] = None
 
     def __init__(self, config: MethodConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__()

@@ -378,6 +378,7 @@ class MDPS(AnomalyMethod):
     time (Algorithm 1, Eqs. 18-20). Single-class: one prior per category (§5)."""
 
     Config: ClassVar[type[MethodConfig]] = MDPSConfig
+    paper_seconds_per_image = 0.5  # Table 3: MDPS (N_s = 1), per image
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes: 64 px, a ~0.27 M-parameter UNet trained 40 epochs, T = 400 of 1000

@@ -53,11 +53,15 @@ class DataConfig:
     textures: Optional[str] = None  # folder of anomaly-appearance images (e.g. DTD); None = offline sources
 
 
+AUTO = "auto"
+
+
 @dataclass
 class TrialConfig:
-    cpus: float = 1.0  # CPUs per Ray Train worker
-    gpus: float = 0.0  # GPUs per Ray Train worker
+    cpus: float = 1.0  # CPUs per Ray Train worker (and per evaluation task)
+    gpus: Any = AUTO  # GPUs per Ray Train worker: auto = 1 when the cluster has GPUs, else 0; or a number (0.25: four per GPU)
     workers: int = 1  # Ray Train workers (DDP ranks) per trial
+    resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker, e.g. {accelerator_type:A100: 0.001}
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Settings:
     seed: int = 0  # seeds the data split, and the first training (and prediction) seed
     seeds: int = 1  # training seeds per grid point: seed, seed+1, ..., seed+seeds-1 (the data split keeps seed)
     trial: TrialConfig = field(default_factory=TrialConfig)
-    max_concurrent: int = 2  # trials running at once
+    max_concurrent: Any = AUTO  # trials running at once: auto = as many as the cluster's resources hold, or a number
     objectives: list[str] = field(default_factory=list)  # Optuna only: several objectives (Pareto front), the space's metric first, e.g. [val_pixel_ap,images_per_second]
     num_samples: Optional[int] = None  # override the search space's number of samples
     max_failures: int = 1  # retries of a failed trial (Tune) and of a failed worker group (Train)
@@ -81,7 +85,8 @@ class Settings:
     tracking_uri: Optional[str] = None  # MLflow store; default $MLFLOW_TRACKING_URI or ./mlflow.db
     storage_path: str = "ray_results"  # Ray Tune/Train storage and the model store (shared on clusters)
     eval_every: int = 0  # epochs between validation reports + checkpoints (0 = auto: epochs // 4 with ASHA or >= 100 epochs, else the last epoch)
-    autoscaling: bool = False  # the cluster adds nodes on demand: wait for resources instead of stopping
+    autoscaling: bool = False  # the cluster adds nodes on demand: wait for resources instead of stopping; auto sizes use its maximum
+    drivers: str = "head"  # where trial drivers, Train controllers and training coordinators run: head, or a Ray resource nodes declare
     checkpoint_every_s: float = 600.0  # wall-clock seconds between checkpoints of a training, besides those at validation
     eval_batch_size: int = 16  # images per predict() call
     latency_images: int = 4  # images timed one at a time for batch-1 latency
@@ -149,11 +154,40 @@ def build_settings(values: dict[str, Any], base: dict[str, Any] | None = None) -
         raise ConfigError(f"unknown method {settings.method!r}; valid: {', '.join(sorted(METHODS))}")
     if settings.data.foreground not in ("auto", "on", "off"):
         raise ConfigError(f"unknown data.foreground {settings.data.foreground!r}; valid: auto, on, off")
+    for key in AUTO_KEYS:
+        parent, _, name = key.rpartition(".")
+        owner = functools.reduce(getattr, parent.split("."), settings) if parent else settings
+        setattr(owner, name, _auto_or_number(key, getattr(owner, name)))
     for key, (ok, valid) in RANGES.items():
         value = functools.reduce(getattr, key.split("."), settings)
-        if value is not None and not ok(value):
+        if value is not None and value != AUTO and not ok(value):
             raise ConfigError(f"{key} must be {valid}, got {value}")
+    for name, amount in settings.trial.resources.items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
+            raise ConfigError(f"trial.resources.{name} must be a number > 0 (Ray resource per worker), got {amount!r}")
+    if not settings.drivers.strip():
+        raise ConfigError("drivers must be head or the name of a Ray resource that driver nodes declare, got ''")
     return settings
+
+
+# Settings that take `auto` or a number.
+AUTO_KEYS = ("trial.gpus", "max_concurrent")
+
+
+def _auto_or_number(key: str, value: Any) -> Any:
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be auto or a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be auto or a number, got {value!r}") from None
+    if key == "max_concurrent":
+        if number != int(number):
+            raise ConfigError(f"{key} must be auto or a whole number, got {value!r}")
+        return int(number)
+    return number
 
 
 # Every numeric setting and its valid range (a test checks none is missing): checked in

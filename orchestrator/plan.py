@@ -16,6 +16,8 @@ or MLflow is written.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import http.client
 import os
 import urllib.error
@@ -24,17 +26,19 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from methods import get_method
 from methods.base import MethodConfig, field_docs
 from orchestrator import search_space as spaces
-from orchestrator.config import Settings, build_settings, redact_uri, resolve_method_config
+from orchestrator.config import AUTO, Settings, build_settings, config_to_dict, flatten, redact_uri, resolve_method_config
 from orchestrator.data import DataSpec
 from orchestrator.errors import ConfigError
+from orchestrator.schedule import EVALUATE, TRAIN, Job, SimTrial, fitting, simulate
 from orchestrator.storage import REMOTE_SCHEMES, Storage, is_remote
 from orchestrator.store import ModelKey, model_key
-from orchestrator.training import EvaluationSettings
+from orchestrator.timing import Estimate, TimingModel
+from orchestrator.training import EvaluationSettings, model_groups
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,122 @@ class Point:
 
 
 @dataclass(frozen=True)
+class TrainingSpec:
+    """One model to train: the method config's training fields on these categories with
+    this seed, under ``key`` in the model store."""
+
+    method: str
+    config: MethodConfig
+    categories: tuple[str, ...]
+    train_seed: int
+    key: ModelKey
+    expected: Estimate  # seconds, from the timing model
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial, resolved once: what it runs, the categories it reports and the models it
+    evaluates (one per category, or one over all of them for a multi-class method).
+    Its ``id`` is what Tune's grid carries; the trial looks the spec up by it."""
+
+    id: str
+    label: str  # the grid point's label (a condition, "axis=value", a method), or the sampled values
+    method: str
+    config: MethodConfig
+    categories: tuple[str, ...]
+    train_seed: int
+    model_groups: tuple[tuple[str, ...], ...]
+
+    @property
+    def name(self) -> str:
+        """The child run's name, e.g. ``steps=5 · washer · seed 1`` (also its Tune id)."""
+        return self.id
+
+
+def spec_id(label: str, categories: tuple[str, ...] | None, train_seed: int | None) -> str:
+    parts = [label] + ([categories[0]] if categories and len(categories) == 1 else [])
+    return " · ".join(parts + ([f"seed {train_seed}"] if train_seed is not None else []))
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What each trial's jobs hold, resolved against the cluster: a Train worker (and an
+    evaluation) holds ``per_worker``; a trial trains with ``workers`` of them. ``notes``
+    say how ``auto`` values were derived (printed by ``dry_run=true`` and at start)."""
+
+    cpus: float
+    gpus: float
+    workers: int
+    custom: tuple[tuple[str, float], ...]  # trial.resources: extra Ray resources per worker
+    max_concurrent: int
+    notes: tuple[str, ...]
+
+    @property
+    def per_worker(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **dict(self.custom)}
+
+    @property
+    def per_training(self) -> dict[str, float]:
+        return {k: v * self.workers for k, v in self.per_worker.items()}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The resources a sweep may use: what the cluster has now, or with ``autoscaling=true``
+    what its autoscaler may grow it to; ``source`` says which."""
+
+    resources: dict[str, float]
+    source: str
+    growing: bool = False  # autoscaling without a published maximum: the nodes up now, more may come
+
+    def capacity(self, trial: "TrialResources") -> dict[str, float]:
+        """What the sweep's scheduler may hand out: the resources, or on a growing cluster
+        what ``max_concurrent`` trainings would hold (the autoscaler adds nodes for them)."""
+        if not self.growing:
+            return dict(self.resources)
+        stated = {k: v * trial.max_concurrent for k, v in trial.per_training.items()}
+        return {**self.resources, **{k: max(v, self.resources.get(k, 0.0)) for k, v in stated.items()}}
+
+
+def local_cluster() -> Cluster:
+    """What an embedded Ray on this machine offers (every CPU, every CUDA GPU), known
+    without starting Ray (``dry_run=true``)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return Cluster({"CPU": float(os.cpu_count() or 1), **({"GPU": float(gpus)} if gpus else {})}, "the embedded Ray on this machine")
+
+
+def resolve_trial_resources(settings: Settings, cluster: Cluster) -> TrialResources:
+    """``trial.gpus=auto``: one GPU per worker when the cluster has GPUs, none otherwise.
+    ``max_concurrent=auto``: as many trials as the cluster holds at once at the trial's
+    resources (workers x per-worker). Explicit numbers win."""
+    t, notes = settings.trial, []
+    if cluster.growing and AUTO in (t.gpus, settings.max_concurrent):
+        raise ConfigError("autoscaling=true, and the cluster publishes no autoscaler maximum to size trial.gpus=auto / max_concurrent=auto "
+                          "from; state them, e.g. trial.gpus=1 max_concurrent=<worker nodes at most x GPUs per node>")
+    gpus_on_cluster = cluster.resources.get("GPU", 0.0)
+    if t.gpus == AUTO:
+        gpus = 1.0 if gpus_on_cluster >= 1 else 0.0
+        notes.append(f"trial.gpus=auto -> {gpus:g} ({cluster.source} has {gpus_on_cluster:g} GPU)")
+    else:
+        gpus = float(t.gpus)
+    custom = tuple(sorted((str(k), float(v)) for k, v in (t.resources or {}).items()))
+    per_trial = {k: v * t.workers for k, v in {"CPU": t.cpus, "GPU": gpus, **dict(custom)}.items() if v}
+    if settings.max_concurrent == AUTO:
+        fit = fitting(per_trial, cluster.resources)
+        if fit >= 10**9 or fit < 1:
+            fit = max(1, min(fit, 10**6))
+        have = ", ".join(f"{cluster.resources.get(k, 0.0):g} {k}" for k in per_trial)
+        need = ", ".join(f"{v:g} {k}" for k, v in per_trial.items())
+        notes.append(f"max_concurrent=auto -> {fit} ({cluster.source} has {have}; a trial holds {need})")
+        max_concurrent = fit
+    else:
+        max_concurrent = int(settings.max_concurrent)
+    return TrialResources(float(t.cpus), gpus, int(t.workers), custom, max_concurrent, tuple(notes))
+
+
+@dataclass(frozen=True)
 class SweepPlan:
     space: spaces.SearchSpace
     settings: Settings
@@ -60,6 +180,10 @@ class SweepPlan:
     default_config: MethodConfig  # the method config with no axis value applied
     points: tuple[Point, ...]  # grid searches: the valid points; Optuna: empty
     skipped: tuple[str, ...]  # grid points whose config is invalid, with the reason
+    split_sizes: dict[str, tuple[int, int]]  # category -> (training images, evaluated images): the timing model's input
+    timing: TimingModel
+    specs: tuple[TrialSpec, ...] = ()  # grid searches: every trial, in the order Tune starts them
+    trainings: tuple[TrainingSpec, ...] = ()  # the models the sweep trains in its pipeline (known before the trials)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -83,81 +207,60 @@ class SweepPlan:
         """``seeds=N`` repeats every point under N training seeds; the data split keeps ``seed``."""
         return tuple(range(self.settings.seed, self.settings.seed + self.settings.seeds))
 
-    def train_seed(self, trial_config: dict[str, Any]) -> int:
-        """The training (and prediction) seed of a trial."""
-        return int(trial_config.get("train_seed", self.settings.seed))
+    @property
+    def pipeline_keys(self) -> frozenset[str]:
+        return frozenset(t.key.key for t in self.trainings)
 
-    def method_of(self, trial_config: dict[str, Any]) -> str:
-        """The method a Tune trial config runs (a benchmark's point names it)."""
-        if "point" in trial_config:
-            return next(p.method for p in self.points if p.label == trial_config["point"])
-        return self.space.method
+    def spec(self, trial_config: dict[str, Any]) -> TrialSpec:
+        """The trial a Tune config stands for: a grid's spec by its id, or an Optuna
+        trial's sampled axis values resolved (once, in the trial)."""
+        if "spec" in trial_config:
+            return self._specs_by_id[trial_config["spec"]]
+        values = {a.name: trial_config[a.name] for a in self.space.axes}
+        label = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        config = self.resolve(values)
+        return TrialSpec(label, label, self.space.method, config, self.categories, self.settings.seed,
+                         model_groups(get_method(self.space.method), self.categories))
 
-    def method_config(self, trial_config: dict[str, Any]) -> MethodConfig:
-        """The method config a Tune trial config stands for."""
-        if "point" in trial_config:
-            return next(p.config for p in self.points if p.label == trial_config["point"])
-        return self.resolve({a.name: trial_config[a.name] for a in self.space.axes})  # Optuna: one value per axis
+    @functools.cached_property
+    def _specs_by_id(self) -> dict[str, TrialSpec]:
+        return {s.id: s for s in self.specs}
 
     def resolve(self, axis_overrides: dict[str, Any]) -> MethodConfig:
         return resolve_config(self.space, self.space.method, self.scale, self.method_overrides, self.categories, axis_overrides)
 
-    def model_groups(self, trial_config: dict[str, Any]) -> list[list[str]]:
-        """The models a trial needs: one over all categories (multi-class), else one per
-        category — the trial's own category in a per-category grid, or every category."""
-        if get_method(self.method_of(trial_config)).multi_class:
-            return [list(self.categories)]
-        if "category" in trial_config:
-            return [[trial_config["category"]]]
-        return [[c] for c in self.categories]
+    def model_key(self, method: str, config: MethodConfig, categories: Sequence[str], train_seed: int) -> ModelKey:
+        return model_key(method, config, self.data, list(categories), self.settings.trial.workers, train_seed)
 
-    def model_key(self, method: str, config: MethodConfig, categories: list[str], train_seed: int) -> ModelKey:
-        return model_key(method, config, self.data, categories, self.settings.trial.workers, train_seed)
+    def training(self, method: str, config: MethodConfig, categories: Sequence[str], train_seed: int) -> TrainingSpec:
+        images = sum(self.split_sizes.get(c, (0, 0))[0] for c in categories)
+        return TrainingSpec(method, config, tuple(categories), train_seed, self.model_key(method, config, categories, train_seed),
+                            self.timing.training(method, config, images, self.settings.trial.workers))
 
-    def grid_trials(self) -> list[dict[str, Any]]:
-        """A grid search's trial configs, as Tune will expand them (Optuna: empty)."""
-        trials: list[dict[str, Any]] = [{"point": p.label} for p in self.points]
-        if self.per_category_trials:
-            trials = [{**t, "category": c} for t in trials for c in self.categories]
-        if len(self.training_seeds) > 1:
-            trials = [{**t, "train_seed": seed} for t in trials for seed in self.training_seeds]
-        return trials
+    def evaluation_estimate(self, method: str, config: MethodConfig, category: str) -> Estimate:
+        return self.timing.evaluation(method, config, self.split_sizes.get(category, (0, 0))[1])
 
-    def pretrain_models(self) -> list[tuple[str, MethodConfig, list[str], int]]:
-        """(method, config, categories, training seed) of the models to train in parallel
-        before any trial starts: those trials would otherwise train one after another
-        (a trial needing one model per category trains them in a row). Known in advance
-        for grids, and for Optuna spaces whose axes are all inference-only (every trial
-        then shares the default training config). Empty when each trial needs one model:
-        Tune's own trial parallelism covers that."""
-        if not self.settings.reuse_models:
-            return []
-        if self.space.search == "grid":
-            trials = self.grid_trials()
-        elif any(field_docs(get_method(self.space.method).Config)[a.name][0] for a in self.space.axes):
-            return []  # Optuna samples training fields: the models are not known before the trials
-        else:
-            trials = [{}]
-        if all(len(self.model_groups(t)) <= 1 for t in trials):
-            return []
-        models: dict[str, tuple[str, MethodConfig, list[str], int]] = {}
-        for t in trials:
-            method, config, seed = self.method_of(t), self.method_config(t) if t else self.default_config, self.train_seed(t)
-            for group in self.model_groups(t):
-                models.setdefault(self.model_key(method, config, group, seed).key, (method, config, group, seed))
-        return list(models.values())
+    def trial_params(self, spec: TrialSpec, resources: TrialResources) -> dict[str, Any]:
+        """A child run's MLflow params: the trial's resolved config, flattened, and what it ran on."""
+        s = self.settings
+        params = flatten({"method": config_to_dict(spec.config)})
+        params.update({"method": spec.method, "ablation": self.space.name, "dataset": s.dataset, "scale": self.scale, "seed": s.seed,
+                       "train_seed": spec.train_seed, "categories": ",".join(spec.categories),
+                       "trial.workers": resources.workers, "trial.cpus": resources.cpus, "trial.gpus": resources.gpus})
+        if self.space.conditions:
+            params["condition"] = spec.label
+        return params
 
-    def describe(self) -> list[str]:
-        """What the sweep would run, for ``dry_run=true``: nothing is started or written."""
+    def describe(self, cluster: Cluster | None = None) -> list[str]:
+        """What the sweep would run, for ``dry_run=true``: nothing is started or written.
+        With the ``cluster`` it would run on, also how ``auto`` resources resolve and the
+        plan's GPU-hours (or CPU-hours) and makespan simulated on it."""
         s, space = self.settings, self.space
-        t = s.trial
         lines = [f"sweep {space.name}: {', '.join(self.methods)} on {s.dataset} ({self.scale} scale), "
                  f"{len(self.categories)} categor{'y' if len(self.categories) == 1 else 'ies'}: {', '.join(self.categories)}"]
         if space.search == "grid":
-            trials = self.grid_trials()
-            keys = {self.model_key(self.method_of(c), self.method_config(c), group, self.train_seed(c)).key
-                    for c in trials for group in self.model_groups(c)}
-            lines.append(f"trials: {len(trials)} (grid: {len(self.points)} points"
+            keys = {self.model_key(spec.method, spec.config, group, spec.train_seed).key for spec in self.specs for group in spec.model_groups}
+            lines.append(f"trials: {len(self.specs)} (grid: {len(self.points)} points"
                          + (" x categories" if self.per_category_trials else "")
                          + (f" x {len(self.training_seeds)} seeds" if len(self.training_seeds) > 1 else "") + ")")
             lines.append(f"trainings: {len(keys)} distinct models (other trials reuse a stored one)")
@@ -165,20 +268,69 @@ class SweepPlan:
             samples = s.num_samples or space.num_samples
             docs = field_docs(get_method(space.method).Config)
             trained = [a.name for a in space.axes if docs[a.name][0]]
-            groups = len(self.model_groups({}))
+            groups = len(model_groups(get_method(space.method), self.categories))
             lines.append(f"trials: {samples} (Optuna TPE on {space.metric}, {space.mode})")
             lines.append(f"trainings: up to {samples * groups} (axes {', '.join(trained)} change the trained model)" if trained
                          else f"trainings: {groups} (every axis is inference-only: "
                               + ("one model over all categories" if get_method(space.method).multi_class else "one model per category")
                               + ", shared by all trials)")
-        lines.append(f"per trial: {t.workers} Train worker(s) x {t.cpus} CPU" + (f" + {t.gpus} GPU" if t.gpus else "")
-                     + f"; at most {s.max_concurrent} trials at once" + (f"; ASHA {space.asha}" if space.asha else ""))
+        if cluster is None:
+            t = s.trial
+            lines.append(f"per trial: {t.workers} Train worker(s) x {t.cpus} CPU, trial.gpus={t.gpus}; max_concurrent={s.max_concurrent}"
+                         + (f"; ASHA {space.asha}" if space.asha else ""))
+        else:
+            r = resolve_trial_resources(s, cluster)
+            lines.append(f"per trial: {r.workers} Train worker(s) x {r.cpus:g} CPU" + (f" + {r.gpus:g} GPU" if r.gpus else "")
+                         + "".join(f" + {v:g} {k}" for k, v in r.custom) + f"; at most {r.max_concurrent} trials at once"
+                         + (f"; ASHA {space.asha}" if space.asha else ""))
+            lines += [f"  {note}" for note in r.notes]
+            lines += self.estimate_lines(r, cluster)
         lines.append(f"storage: {redact_uri(s.storage_path)} (Tune/Train state, model store, evaluations, sample maps)")
         lines.append(f"tracking: {redact_uri(s.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///<cwd>/mlflow.db')}")
         lines.append(f"data: {s.dataset} at {s.data.root or 'the embedded synthetic data'}, cache {s.data.cache_dir}, "
                      f"validation fraction {s.data.val_fraction}, split seed {s.seed}")
         lines += [f"skipped grid point {reason}" for reason in self.skipped]
         return lines
+
+    def estimate_lines(self, resources: TrialResources, cluster: Cluster) -> list[str]:
+        """GPU-hours (CPU-hours) and makespan of this plan on ``cluster``, simulated with the
+        scheduling policy and the timing model (orchestrator/schedule.py, timing.py)."""
+        if not self.specs and not self.trainings:
+            return ["estimate: an Optuna search whose axes change the trained model (trials train as they are sampled); not simulated"]
+        unit = "GPU" if resources.gpus else "CPU"
+        capacity = {k: v for k, v in cluster.resources.items() if k in resources.per_worker}
+        if fitting(resources.per_training, capacity) < 1:
+            need = ", ".join(f"{v:g} {k}" for k, v in resources.per_training.items())
+            return [f"estimate: not simulated: a training holds {need}, more than {cluster.source} has "
+                    f"({', '.join(f'{capacity.get(k, 0.0):g} {k}' for k in resources.per_training)}); the sweep would stop at start"]
+        trainings, trials = simulation_jobs(self, resources)
+        sim = simulate(trainings, trials, capacity, resources.max_concurrent)
+        hours = sum(r.held_seconds() * r.resources.get(unit, 0.0) for r in sim.records) / 3600
+        makespan = max((r.end for r in sim.records), default=0.0)
+        sources = sorted({t.expected.source for t in self.trainings}
+                         | {self.evaluation_estimate(spec.method, spec.config, spec.categories[0]).source for spec in self.specs[:1]})
+        marked = "" if all(src.startswith("measured") for src in sources) else " (an ESTIMATE: " + ", ".join(sources) + "; see orchestrator/timing.py)"
+        return [f"estimate: {hours:.2f} {unit}-hours, makespan {makespan / 3600:.2f} h on {capacity.get(unit, 0):g} {unit}{marked}"]
+
+
+def simulation_jobs(plan: SweepPlan, resources: TrialResources) -> tuple[list[Job], list[SimTrial]]:
+    """The plan's pipeline trainings and its trials' evaluations as schedule jobs (the
+    shapes the sweep hands its scheduler), for :func:`orchestrator.schedule.simulate`.
+    An Optuna space's trials are its ``num_samples`` trials on the default config."""
+    trainings = [Job.make(f"train {t.key.short}", TRAIN, t.key.key, resources.per_training, t.expected.seconds) for t in plan.trainings]
+    specs = list(plan.specs) or [plan.spec({a.name: getattr(plan.default_config, a.name) for a in plan.space.axes})]
+    if not plan.specs:
+        specs = [dataclasses.replace(specs[0], id=f"{specs[0].id} #{i}") for i in range(plan.settings.num_samples or plan.space.num_samples)]
+    trials = []
+    for spec in specs:
+        jobs = []
+        for group in spec.model_groups:
+            key = plan.model_key(spec.method, spec.config, group, spec.train_seed).key
+            for category in group:
+                jobs.append(Job.make(f"evaluate {spec.id} {category}", EVALUATE, key, resources.per_worker,
+                                     plan.evaluation_estimate(spec.method, spec.config, category).seconds, trial=spec.id))
+        trials.append(SimTrial(spec.id, tuple(jobs)))
+    return trainings, trials
 
 
 def resolve_config(space: spaces.SearchSpace, method: str, scale: str, method_overrides: dict[str, Any], categories: tuple[str, ...],
@@ -326,7 +478,7 @@ def check_resume(space: spaces.SearchSpace, settings: Settings) -> None:
         raise ConfigError(f"resume=true but no sweep {prefix}-* under {storage.join('sweeps')} to restore; run without resume=true")
 
 
-def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
+def plan(values: dict[str, Any], method_overrides: dict[str, Any], timing: TimingModel | None = None) -> SweepPlan:
     """Everything a sweep will run, checked before anything starts."""
     space = spaces.load(values["ablation"])
     settings = settings_for(space, values)
@@ -354,5 +506,45 @@ def plan(values: dict[str, Any], method_overrides: dict[str, Any]) -> SweepPlan:
                 skipped.append(f"{label}: {exc}")
         if not points:
             raise ConfigError(f"every grid point of {space.name} is invalid: {'; '.join(skipped)}")
-    return SweepPlan(space, settings, scale, categories, dict(method_overrides), data, settings.evaluation(),
-                     default_config, tuple(points), tuple(skipped))
+    draft = SweepPlan(space, settings, scale, categories, dict(method_overrides), data, settings.evaluation(), default_config,
+                      tuple(points), tuple(skipped), data.split_sizes(categories), timing or TimingModel.load())
+    return with_trials(draft)
+
+
+def with_trials(draft: SweepPlan) -> SweepPlan:
+    """The plan's trials (grid searches) and the trainings its pipeline runs before the
+    trials need them: every model of a grid, the one default model (per category) of an
+    Optuna space whose axes are all inference-only, none when trials sample training
+    fields (they train as they are sampled) or with ``reuse_models=false``. Grid trials
+    are ordered as the pipeline trains their models, longest first, so Tune starts the
+    trials whose models come first."""
+    specs: list[TrialSpec] = []
+    seeds = draft.training_seeds
+    for point in draft.points:
+        groups = model_groups(get_method(point.method), draft.categories)
+        for seed in seeds:
+            if draft.per_category_trials:
+                specs += [TrialSpec(spec_id(point.label, group, seed if len(seeds) > 1 else None), point.label, point.method, point.config,
+                                    group, seed, (group,)) for group in groups]
+            else:
+                specs.append(TrialSpec(spec_id(point.label, None, seed if len(seeds) > 1 else None), point.label, point.method,
+                                       point.config, draft.categories, seed, groups))
+    trainings: dict[str, TrainingSpec] = {}
+    if draft.settings.reuse_models:
+        if draft.space.search == "grid":
+            needed = [(spec.method, spec.config, group, spec.train_seed) for spec in specs for group in spec.model_groups]
+        elif not any(field_docs(get_method(draft.space.method).Config)[a.name][0] for a in draft.space.axes):
+            needed = [(draft.space.method, draft.default_config, group, draft.settings.seed)
+                      for group in model_groups(get_method(draft.space.method), draft.categories)]
+        else:
+            needed = []
+        for method, config, group, seed in needed:
+            training = draft.training(method, config, group, seed)
+            trainings.setdefault(training.key.key, training)
+    expected = {key: t.expected.seconds for key, t in trainings.items()}
+
+    def spec_seconds(spec: TrialSpec) -> float:
+        return sum(expected.get(draft.model_key(spec.method, spec.config, group, spec.train_seed).key, 0.0) for group in spec.model_groups)
+
+    specs.sort(key=spec_seconds, reverse=True)  # stable: equal trials keep the grid's order
+    return dataclasses.replace(draft, specs=tuple(specs), trainings=tuple(sorted(trainings.values(), key=lambda t: -t.expected.seconds)))

@@ -27,7 +27,7 @@ SPLITS = ("val", "test")
 VALIDATION_METRICS: tuple[str, ...] = tuple(f"val_{m}" for m in METRICS)  # what a sweep may optimise
 TRAIN_PREFIX = "train_"
 # Numbers a trial reports besides the split metrics (MLflow metric names).
-TIMING_METRICS = ("images_per_second", "latency_ms", "model_train_seconds", "models_trained")
+TIMING_METRICS = ("images_per_second", "latency_ms", "model_train_seconds", "models_trained", "trial_seconds")
 PROGRESS_METRICS = ("epoch", "train_seconds")
 
 
@@ -64,11 +64,24 @@ class ModelEvaluation:
 
     categories: list[CategoryEvaluation]
     train_seconds: float
+    losses: list[dict[str, float]] = dataclasses.field(default_factory=list)  # the training's loss terms per epoch ({"epoch": 1, "loss": ...})
 
     def validation(self) -> dict[str, float]:
         """The Tune signal: validation metrics averaged over the model's categories."""
         mean = mean_metrics([c.val for c in self.categories])
         return {metric_name("val", m): getattr(mean, m) for m in METRICS}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelEvaluation":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelEvaluation":
+        return cls(categories=[CategoryEvaluation(**{**c, "val": Metrics(**c["val"]), "test": Metrics(**c["test"])}) for c in raw["categories"]],
+                   train_seconds=raw["train_seconds"], losses=raw.get("losses", []))
 
 
 @dataclass
@@ -110,22 +123,8 @@ class TrialResult:
     @classmethod
     def from_json(cls, text: str) -> "TrialResult":
         raw = json.loads(text)
-        models = [
-            ModelEvaluation(
-                categories=[CategoryEvaluation(**{**c, "val": Metrics(**c["val"]), "test": Metrics(**c["test"])}) for c in m["categories"]],
-                train_seconds=m["train_seconds"],
-            )
-            for m in raw["models"]
-        ]
-        return cls(models=models, model_keys=raw["model_keys"], models_trained=raw["models_trained"])
-
-
-def model_evaluation_json(evaluation: ModelEvaluation) -> str:
-    return json.dumps(dataclasses.asdict(evaluation))
-
-
-def model_evaluation_from_json(text: str) -> ModelEvaluation:
-    return TrialResult.from_json(json.dumps({"models": [json.loads(text)], "model_keys": [], "models_trained": 0})).models[0]
+        return cls(models=[ModelEvaluation.from_dict(m) for m in raw["models"]], model_keys=raw["model_keys"],
+                   models_trained=raw["models_trained"])
 
 
 def tune_report(result: TrialResult) -> dict[str, Any]:

@@ -270,8 +270,8 @@ def _space(name: str, raw: dict[str, Any], fail, *, method: str, fixed: dict[str
     if scale not in ("smoke", "paper"):
         raise fail(f"scale must be smoke or paper, got {scale!r}")
     trial = dict(raw.get("trial") or {})
-    if set(trial) - {"cpus", "gpus", "workers"}:
-        raise fail(f"trial: unknown key(s) {', '.join(sorted(set(trial) - {'cpus', 'gpus', 'workers'}))}; valid: cpus, gpus, workers")
+    if set(trial) - {"cpus", "gpus", "workers", "resources"}:
+        raise fail(f"trial: unknown key(s) {', '.join(sorted(set(trial) - {'cpus', 'gpus', 'workers', 'resources'}))}; valid: cpus, gpus, workers, resources")
     asha = raw.get("asha")
     if asha is not None and (not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor", "max_t"}):
         raise fail("asha: expected null or {grace_period, reduction_factor, max_t}")

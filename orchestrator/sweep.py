@@ -15,7 +15,8 @@ submit``) the sweep runs on that cluster.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import json
 import logging
 import os
 import socket
@@ -59,17 +60,17 @@ def prepare_data(sweep: SweepPlan) -> dict[str, dict[str, int]]:
     return splits
 
 
-def trial_params(sweep: SweepPlan, trial_config: dict[str, Any]) -> dict[str, Any]:
-    """A child run's MLflow params: its resolved method config, flattened, and what it ran on."""
-    s = sweep.settings
-    params = flatten({"method": config_to_dict(sweep.method_config(trial_config))})
-    params.update({"method": sweep.method_of(trial_config), "ablation": sweep.space.name, "dataset": s.dataset, "scale": sweep.scale, "seed": s.seed,
-                   "train_seed": sweep.train_seed(trial_config),
-                   "categories": trial_config.get("category") or ",".join(sweep.categories),
-                   "trial.workers": s.trial.workers, "trial.cpus": s.trial.cpus, "trial.gpus": s.trial.gpus})
-    if sweep.space.conditions:
-        params["condition"] = trial_config["point"]
-    return params
+def dry_run_cluster():
+    """The cluster a dry run describes: the one RAY_ADDRESS names (connecting starts
+    nothing), else this machine as an embedded Ray would see it."""
+    if os.environ.get("RAY_ADDRESS"):
+        from orchestrator import ray_backend
+
+        ray_backend.connect()
+        return ray_backend.cluster(False)
+    from orchestrator.plan import local_cluster
+
+    return local_cluster()
 
 
 def sweep_tags(sweep: SweepPlan, git_commit: str) -> dict[str, str]:
@@ -90,7 +91,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
     # 1. plan: every trial's method config resolved and checked before anything starts
     sweep = plan(values, method_overrides)
     if sweep.settings.dry_run:
-        print("\n".join(sweep.describe()))
+        print("\n".join(sweep.describe(dry_run_cluster())))
         return {"dry_run": True}
     for reason in sweep.skipped:
         log.warning("skipping grid point %s", reason)
@@ -129,11 +130,18 @@ def run(tokens: list[str]) -> dict[str, Any]:
 def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name: str, resume: bool,
               splits: dict[str, dict[str, int]]) -> dict[str, Any]:
     from orchestrator import ray_backend, report, tracking
+    from orchestrator.plan import resolve_trial_resources
+    from orchestrator.schedule import costs
 
     s = sweep.settings
-    # Ray: a trial the cluster can never hold stops the sweep here, before MLflow is written
+    # Ray: `auto` resources resolved against the cluster; a trial the cluster can never hold
+    # stops the sweep here, before MLflow is written
     ray_backend.connect()
-    ray_backend.check_resources(s.trial.cpus, s.trial.gpus, s.trial.workers, s.autoscaling)
+    where = ray_backend.cluster(s.autoscaling)
+    resources = resolve_trial_resources(s, where)
+    for note in resources.notes:
+        log.info("%s", note)
+    ray_backend.check_resources(resources, where, s.drivers, s.autoscaling)
     # 3. the parent run (after closing the runs of dead sweeps on this storage)
     uri = tracking.resolve_uri(s.tracking_uri)
     for name in tracking.close_dead_sweeps(uri, sweep.space.name, storage.uri,
@@ -142,35 +150,45 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     parent = tracking.SweepRun(uri, sweep.space.name)
     parent.open(sweep_name, {**sweep_tags(sweep, tracking.git_commit()), "storage": storage.uri},
                 {**{k: redact_uri(v) for k, v in flatten({"settings": config_to_dict(s)}).items()}, "categories": ",".join(sweep.categories),
-                 "skipped_points": "; ".join(sweep.skipped) or "none"}, resume=resume)
+                 "skipped_points": "; ".join(sweep.skipped) or "none", "resolved.trial.gpus": resources.gpus,
+                 "resolved.max_concurrent": resources.max_concurrent}, resume=resume)
     parent.log_artifact(sweep.space.source, "config")
     # MLflow writes that failed (an outage) were kept here; an earlier run of this sweep may have left some.
     spool = tracking.Spool(storage, f"mlflow-spool/{sweep_name}.jsonl")
     replay_spool(spool, parent.client)
-    recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, functools.partial(trial_params, sweep),
-                                      {"ablation": sweep.space.name, "dataset": s.dataset},
+    recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, {"ablation": sweep.space.name, "dataset": s.dataset},
                                       tracking.dataset_description(s.dataset, s.data.root, splits, seed=s.seed,
                                                                    val_fraction=s.data.val_fraction, foreground=s.data.foreground),
                                       spool)
 
-    # 4. Tune
-    context = ray_backend.TrialContext(plan=sweep, sweep_name=sweep_name, storage_path=storage.uri)
-    models = sweep.pretrain_models()
-    if models:
-        try:
-            ray_backend.pretrain(context, models)
-        except Exception as exc:  # noqa: BLE001 - the trials train what is missing and report their own errors
-            log.warning("training the models before the trials failed (%s); the trials train them", str(exc).splitlines()[0])
-    outcomes = ray_backend.run_sweep(context, sweep_name, recorder, resume=resume)
+    # 4. Tune, with the sweep's scheduler and its training pipeline
+    context = ray_backend.TrialContext(plan=sweep, resources=resources, sweep_name=sweep_name, storage_path=storage.uri)
+    started = time.time()
+    outcome = ray_backend.run_sweep(context, recorder, where, resume=resume)
+    outcomes = outcome.trials
 
-    # 5. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable
+    # 5. what the sweep cost, and its schedule (also what bench.cluster_schedule reads)
+    unit = "GPU" if resources.gpus else "CPU"
+    spent = costs(outcome.records, unit)
+    for trial_id, run_id in parent.child_runs().items():
+        if trial_id in spent.per_trial:
+            recorder.log_numbers(run_id, {f"cost_{unit.lower()}_hours": spent.per_trial[trial_id], "cost_share": spent.share(trial_id)})
+    recorder.log_numbers(parent.run_id, {f"cost_{unit.lower()}_hours": spent.total_hours,
+                                         f"cost_training_{unit.lower()}_hours": spent.training_hours,
+                                         f"cost_evaluation_{unit.lower()}_hours": spent.evaluation_hours,
+                                         "cost_wall_seconds": time.time() - started})
+    schedule_file = f"artifacts/{sweep_name}/schedule.json"
+    storage.write_text(schedule_file, json.dumps([dataclasses.asdict(r) for r in outcome.records]))
+
+    # 6. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable
     replay_spool(spool, parent.client)
     states = parent.trial_states()
     failed = [o for o in outcomes if o.error or states.get(o.trial_id) == "failed"]
     unfinished = [o for o in outcomes if o not in failed and states.get(o.trial_id) not in ("finished", "stopped")]
     stopped = [o for o in outcomes if states.get(o.trial_id) == "stopped"]
     summary = {"sweep": sweep_name, "trials": len(outcomes), "failed": len(failed), "unfinished": len(unfinished),
-               "stopped_early": len(stopped), "tracking_uri": uri, "reports": [], "parent_run_id": parent.run_id}
+               "stopped_early": len(stopped), "tracking_uri": uri, "reports": [], "parent_run_id": parent.run_id,
+               "schedule": storage.join(schedule_file), "max_concurrent": resources.max_concurrent}
     if unfinished:
         parent.finish("KILLED")
         print(f"\nsweep {sweep_name} interrupted: {len(unfinished)} of {len(outcomes)} trials unfinished; "
@@ -181,7 +199,8 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     for path in written:
         parent.log_artifact(path, "report")
     summary["reports"] = [str(p) for p in written]
-    print(f"\nsweep {sweep_name}: {len(outcomes)} trials, {len(failed)} failed, {len(stopped)} stopped early by the scheduler")
+    print(f"\nsweep {sweep_name}: {len(outcomes)} trials, {len(failed)} failed, {len(stopped)} stopped early by the scheduler; "
+          f"{spent.total_hours:.3f} {unit}-hours")
     for o in failed:
         print(f"  failed trial {o.path}: {o.error}")
     if written:

@@ -297,6 +297,11 @@ class SweepRun:
         """FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
 
+    def child_runs(self) -> dict[str, str]:
+        """trial_id -> run_id of every child run of this sweep."""
+        runs = self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'", max_results=50000)
+        return {run.data.tags.get("trial_id", run.info.run_id): run.info.run_id for run in runs}
+
     def trial_states(self) -> dict[str, str]:
         """trial_id -> finished | stopped (early, by the scheduler) | failed | unfinished,
         for every child run of this sweep."""
@@ -335,18 +340,17 @@ class TrialRecorder:
     """One child run per trial under the sweep's run (driver side; picklable, because
     Tune saves its callbacks with the experiment state for ``resume=true``).
 
-    ``trial_params(trial_config)`` gives a trial's params (its resolved config, flattened).
-    Progress (validation and losses during training) is logged with its step; the final
-    :class:`TrialResult` adds test metrics, timings and the sample-map PNGs. A new child
-    run gets the system tags and its dataset as an MLflow input: ``dataset`` (see
-    :func:`dataset_description`) adds split sizes; without it the input is built from the
-    trial's params and the parent's settings, split sizes "not recorded".
+    A trial reports its params first (its config as the trial resolved it, flattened):
+    they are logged then, with the run's dataset input (``dataset``, see
+    :func:`dataset_description`; without it, built from the params and the parent's
+    settings). Progress (validation and losses during a training in the trial) is logged
+    with its epoch as the step; the final :class:`TrialResult` adds test metrics, timings,
+    the sample-map PNGs and the loss curve of each model the pipeline trained for it.
     """
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str, trial_params: Callable[[dict[str, Any]], dict[str, Any]],
-                 tags: dict[str, str], dataset: dict[str, Any] | None = None, spool: Spool | None = None):
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, tags: dict[str, str], dataset: dict[str, Any] | None = None,
+                 spool: Spool | None = None):
         self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
-        self.trial_params = trial_params
         self.tags = tags
         self.dataset = dataset
         self.spool = spool
@@ -361,7 +365,7 @@ class TrialRecorder:
         self.__dict__.update(state)
         self.client = client(self.uri)
 
-    def run_for(self, trial_id: str, name: str, trial_config: dict[str, Any]) -> str:
+    def run_for(self, trial_id: str, name: str) -> str:
         if trial_id in self.runs:
             return self.runs[trial_id]
         existing = self.client.search_runs(
@@ -373,9 +377,6 @@ class TrialRecorder:
             run = self.client.create_run(self.experiment, run_name=name,
                                          tags={PARENT_TAG: self.parent, "trial_id": trial_id, "kind": "trial", **system_tags(), **self.tags})
             run_id = run.info.run_id
-            params = self.trial_params(trial_config)
-            log_params(self.client, run_id, params)
-            self._log_dataset(run_id, params)
         self.runs[trial_id] = run_id
         return run_id
 
@@ -397,18 +398,34 @@ class TrialRecorder:
                                    foreground=settings.get("settings.data.foreground"))
 
     def log(self, run_id: str, reported: dict[str, Any], step: int) -> None:
-        """A Tune result: the progress numbers, or a finished trial's whole :class:`TrialResult`."""
+        """A Tune result: the trial's params, progress numbers, or a finished trial's whole :class:`TrialResult`."""
+        if "params" in reported:
+            params = json.loads(reported["params"])
+            log_params(self.client, run_id, params)
+            self._log_dataset(run_id, params)
         stamp = int(time.time() * 1000)
+        step = int(reported.get("epoch", step))
         numbers = {k: float(v) for k, v in reported.items()
                    if is_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        self._write("log_batch", run_id=run_id, metrics=[[k, v, stamp, step] for k, v in numbers.items()])
+        if numbers:
+            self._write("log_batch", run_id=run_id, metrics=[[k, v, stamp, step] for k, v in numbers.items()])
         if "result" in reported:
             result = TrialResult.from_json(reported["result"])
             self._write("set_tag", run_id=run_id, key="model_keys", value=",".join(result.model_keys))
+            curves = [(m, "/" + "+".join(c.category for c in m.categories) if len(result.models) > 1 else "") for m in result.models]
+            points = [[f"train_{name}{suffix}", float(value), stamp, int(epoch["epoch"])]
+                      for model, suffix in curves for epoch in model.losses for name, value in epoch.items() if name != "epoch"]
+            for start in range(0, len(points), 1000):
+                self._write("log_batch", run_id=run_id, metrics=points[start : start + 1000])
             for path in result.sample_maps:
                 local = local_copy(path)
                 if local is not None:
                     self._write("log_artifact", run_id=run_id, local_path=str(local), artifact_path="anomaly_maps")
+
+    def log_numbers(self, run_id: str, numbers: dict[str, float]) -> None:
+        """Numbers known only at the sweep's end (costs and shares)."""
+        stamp = int(time.time() * 1000)
+        self._write("log_batch", run_id=run_id, metrics=[[k, float(v), stamp, 0] for k, v in numbers.items()])
 
     def finish(self, run_id: str, ok: bool, error: str = "", stopped_early: bool = False) -> None:
         if error:

@@ -163,33 +163,72 @@ def fit(model: nn.Module, optimizers: Optimizers | None, data: TrainingData, con
 class SplitPrediction:
     maps: np.ndarray  # float32 [N, H, W]
     scores: np.ndarray  # float32 [N]
-    seconds: float  # wall time of the batched predict calls
+    seconds: float  # wall time of the batched predict calls (the slowest rank's, when sharded)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of an evaluation: DDP rank ``rank`` of ``world_size`` predicts
+    every ``world_size``-th batch, and :meth:`gather` collects every rank's part (through
+    ``torch.distributed``, which Ray Train sets up), so no rank idles while one evaluates."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def batches(self, count: int) -> range:
+        return range(self.rank, count, self.world_size)
+
+    def gather(self, part: Any) -> list[Any]:
+        """Every rank's ``part``, in rank order (just ``[part]`` without DDP)."""
+        if self.world_size == 1:
+            return [part]
+        parts: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, part)
+        return parts
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The generator seed of batch ``index``: one per batch, so a prediction does not
+    depend on which rank (or how many) computed the other batches; batch 0 keeps ``seed``."""
+    return seed + 1_000_003 * index
 
 
 def predict_split(model: AnomalyMethod, images: np.ndarray, category_index: int, batch_size: int, seed: int,
-                  device: torch.device, progress: bool = False) -> SplitPrediction:
-    """Run ``predict`` over uint8 images [N, 3, H, W] in batches with a seeded generator."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    maps, scores = [], []
+                  device: torch.device, progress: bool = False, shard: Shard = Shard()) -> SplitPrediction:
+    """Run ``predict`` over uint8 images [N, 3, H, W] in batches, each with its own seeded
+    generator (:func:`batch_seed`); with a DDP ``shard`` each rank predicts its batches and
+    every rank returns the whole split."""
+    count = (len(images) + batch_size - 1) // batch_size
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     start = time.perf_counter()
-    for lo in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
+    for index in tqdm(shard.batches(count), desc="predict", disable=not progress, leave=False):
+        lo = index * batch_size
         chunk = to_unit_range(np.ascontiguousarray(images[lo : lo + batch_size])).to(device)
         category = torch.full((len(chunk),), category_index, dtype=torch.long, device=device)
+        generator = torch.Generator(device=device).manual_seed(batch_seed(seed, index))
         out = model.predict(chunk, category=category, generator=generator)
-        maps.append(out.anomaly_map.float().cpu().numpy())
-        scores.append(out.image_score.float().cpu().numpy())
+        parts[index] = (out.anomaly_map.float().cpu().numpy(), out.image_score.float().cpu().numpy())
     seconds = time.perf_counter() - start
-    return SplitPrediction(np.concatenate(maps), np.concatenate(scores), seconds)
+    gathered = shard.gather((parts, seconds))
+    merged = {i: p for rank_parts, _ in gathered for i, p in rank_parts.items()}
+    ordered = [merged[i] for i in range(count)]
+    return SplitPrediction(np.concatenate([m for m, _ in ordered]), np.concatenate([s for _, s in ordered]),
+                           max(sec for _, sec in gathered))
 
 
-def measure_latency(model: AnomalyMethod, images: np.ndarray, category_index: int, count: int, seed: int, device: torch.device) -> float:
-    """Mean seconds per image at batch size 1 over ``count`` images, after one warm-up call."""
+def measure_latency(model: AnomalyMethod, images: np.ndarray, category_index: int, count: int, seed: int, device: torch.device,
+                    shard: Shard = Shard()) -> float:
+    """Mean seconds per image at batch size 1 over ``count`` images, each rank timing its
+    share after one warm-up call."""
     count = max(1, min(count, len(images)))
-    predict_split(model, images[:1], category_index, 1, seed, device)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    result = predict_split(model, images[:count], category_index, 1, seed, device)
-    return result.seconds / count
+    mine = [i for i in range(count) if i % shard.world_size == shard.rank]
+    total = 0.0
+    if mine:
+        predict_split(model, images[mine[0] : mine[0] + 1], category_index, 1, seed, device)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = predict_split(model, images[mine], category_index, 1, seed, device).seconds
+    return sum(shard.gather(total)) / count
 
 
 @dataclass
@@ -200,45 +239,53 @@ class SplitResult:
 
 def calibrate_on_validation_normals(model: AnomalyMethod, data: CategoryData, category_index: int, device: torch.device) -> None:
     """``model.calibrate`` with the category's held-out validation normals (label 0),
-    converted as :func:`predict_split` converts images. Test images are never used."""
+    converted as :func:`predict_split` converts images. Test images are never used. Under
+    DDP every rank calibrates on all of them (the same statistics on every rank)."""
     normals = data.val_images[data.val_labels == 0]
     images = to_unit_range(np.ascontiguousarray(normals)).to(device)
     model.calibrate(images, torch.full((len(images),), category_index, dtype=torch.long, device=device))
 
 
 def evaluate_split(model: AnomalyMethod, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, category_index: int,
-                   batch_size: int, seed: int, device: torch.device, progress: bool = False) -> SplitResult:
-    prediction = predict_split(model, images, category_index, batch_size, seed, device, progress)
+                   batch_size: int, seed: int, device: torch.device, progress: bool = False, shard: Shard = Shard()) -> SplitResult:
+    prediction = predict_split(model, images, category_index, batch_size, seed, device, progress, shard)
     return SplitResult(metric_fns.evaluate(labels, prediction.scores, masks, prediction.maps), prediction)
 
 
-def validate(model: AnomalyMethod, datas: Sequence[CategoryData], settings: EvaluationSettings, device: torch.device) -> dict[str, float]:
+def validate(model: AnomalyMethod, datas: Sequence[CategoryData], settings: EvaluationSettings, device: torch.device,
+             shard: Shard = Shard()) -> dict[str, float]:
     """Validation metrics averaged over the model's categories (the tuning signal during training)."""
     per_category = []
     for i, d in enumerate(datas):
         calibrate_on_validation_normals(model, d, i, device)
-        per_category.append(evaluate_split(model, d.val_images, d.val_masks, d.val_labels, i, settings.batch_size, settings.seed, device).metrics)
+        per_category.append(evaluate_split(model, d.val_images, d.val_masks, d.val_labels, i, settings.batch_size, settings.seed, device,
+                                           shard=shard).metrics)
     mean = mean_metrics(per_category)
     return {metric_name("val", m): getattr(mean, m) for m in METRICS}
 
 
-def evaluate_model(model: AnomalyMethod, datas: Sequence[CategoryData], settings: EvaluationSettings, device: torch.device,
-                   sample_dir: Path | None, train_seconds: float) -> ModelEvaluation:
+def evaluate_category(model: AnomalyMethod, data: CategoryData, index: int, settings: EvaluationSettings, device: torch.device,
+                      sample_dir: Path | None, shard: Shard = Shard()) -> CategoryEvaluation:
     """Validation and test metrics, throughput, batch-1 latency and sample maps (saved
-    under ``sample_dir``) of a model on each of its categories."""
+    under ``sample_dir`` by rank 0) of a model on one of its categories (``index`` in the
+    model's category list)."""
     s = settings
-    out = []
-    for index, d in enumerate(datas):
-        calibrate_on_validation_normals(model, d, index, device)  # before any predict on this category
-        val = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, index, s.batch_size, s.seed, device)
-        test = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, index, s.batch_size, s.seed, device)
-        latency = measure_latency(model, d.test_images, index, s.latency_images, s.seed, device)
-        maps = save_sample_maps(sample_dir, d.category, d.test_images, test.prediction.maps, d.test_masks, d.test_labels,
-                                s.sample_maps) if sample_dir is not None else []
-        out.append(CategoryEvaluation(category=d.category, val=val.metrics, test=test.metrics,
-                                      images_per_second=len(d.test_images) / test.prediction.seconds,
-                                      latency_ms=1000 * latency, sample_maps=maps))
-    return ModelEvaluation(categories=out, train_seconds=train_seconds)
+    calibrate_on_validation_normals(model, data, index, device)  # before any predict on this category
+    val = evaluate_split(model, data.val_images, data.val_masks, data.val_labels, index, s.batch_size, s.seed, device, shard=shard)
+    test = evaluate_split(model, data.test_images, data.test_masks, data.test_labels, index, s.batch_size, s.seed, device, shard=shard)
+    latency = measure_latency(model, data.test_images, index, s.latency_images, s.seed, device, shard)
+    maps = save_sample_maps(sample_dir, data.category, data.test_images, test.prediction.maps, data.test_masks, data.test_labels,
+                            s.sample_maps) if sample_dir is not None and shard.rank == 0 else []
+    return CategoryEvaluation(category=data.category, val=val.metrics, test=test.metrics,
+                              images_per_second=len(data.test_images) / test.prediction.seconds,
+                              latency_ms=1000 * latency, sample_maps=maps)
+
+
+def evaluate_model(model: AnomalyMethod, datas: Sequence[CategoryData], settings: EvaluationSettings, device: torch.device,
+                   sample_dir: Path | None, train_seconds: float, shard: Shard = Shard()) -> ModelEvaluation:
+    """:func:`evaluate_category` for each of the model's categories."""
+    return ModelEvaluation(categories=[evaluate_category(model, d, i, settings, device, sample_dir, shard) for i, d in enumerate(datas)],
+                           train_seconds=train_seconds)
 
 
 # ------------------------------------------------------------------------- in-process run
@@ -253,10 +300,10 @@ class LocalResult:
     models: dict[str, AnomalyMethod]  # category (or "+"-joined categories) -> trained model
 
 
-def model_groups(method_cls: type[AnomalyMethod], categories: Sequence[str]) -> list[list[str]]:
+def model_groups(method_cls: type[AnomalyMethod], categories: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     """The category groups that get one model each: all together for a multi-class
     method, else one per category."""
-    return [list(categories)] if method_cls.multi_class else [[c] for c in categories]
+    return (tuple(categories),) if method_cls.multi_class else tuple((c,) for c in categories)
 
 
 def train_local(method: str, config: MethodConfig, data: DataSpec, categories: Sequence[str], train_seed: int, device: torch.device,

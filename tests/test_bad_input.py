@@ -25,7 +25,7 @@ from PIL import Image
 
 import orchestrator
 from orchestrator import sweep
-from orchestrator.config import RANGES, Settings, build_settings
+from orchestrator.config import AUTO_KEYS, RANGES, Settings, build_settings
 from orchestrator.data.__main__ import main as data_main
 from orchestrator.errors import ConfigError
 from orchestrator.plan import check_storage, plan
@@ -232,11 +232,11 @@ def test_every_numeric_setting_is_range_checked():
             kind = hints[f.name]
             if dataclasses.is_dataclass(kind):
                 keys += numeric(kind, f"{prefix}{f.name}.")
-            elif {int, float} & set(typing.get_args(kind) or (kind,)):
+            elif typing.get_origin(kind) is not dict and {int, float} & set(typing.get_args(kind) or (kind,)):
                 keys.append(prefix + f.name)
         return keys
 
-    assert sorted(numeric(Settings)) == sorted(RANGES)
+    assert sorted(numeric(Settings) + list(AUTO_KEYS)) == sorted(RANGES)  # auto-or-number settings are typed Any
     build_settings({})  # the defaults are in range
     build_settings({"num_samples": 3, "trial.gpus": 0.5, "eval_every": 0, "sample_maps": 0, "seed": 2**32 - 1})
 

@@ -176,4 +176,60 @@ def test_recipe_sweep_command_plans(name, index, tmp_path, monkeypatch, capsys):
     assert f"sweep {keys['ablation']}:" in out and f"on {dataset}" in out, out
     assert f"storage: {replaced['storage_path']}" in out, out
     if "trial.gpus" in keys:
-        assert f"+ {float(keys['trial.gpus'])} GPU" in out, out
+        assert f"+ {float(keys['trial.gpus']):g} GPU" in out, out
+    else:  # auto: sized to the cluster the dry run sees (this machine)
+        assert "trial.gpus=auto -> " in out and "max_concurrent=auto -> " in out, out
+
+
+def worker_groups(recipe: dict) -> list[dict]:
+    return cluster_spec(recipe)["workerGroupSpecs"]
+
+
+def pod_specs(recipe: dict) -> list[dict]:
+    spec = cluster_spec(recipe)
+    return [group["template"]["spec"] for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_pods_run_one_image_pinned_by_digest(name):
+    images = {container["image"] for container in ray_containers(load(name))}
+    assert len(images) == 1, f"{name}: pods run different images {images}"
+    assert "@sha256:" in images.pop(), f"{name}: a tag (e.g. :latest) can point at other code on a node that pulls later; use @sha256:<digest>"
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_pods_have_shared_memory(name):
+    for pod in pod_specs(load(name)):
+        memory_volumes = {v["name"] for v in pod.get("volumes", []) if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0].get("volumeMounts", [])}
+        assert mounts.get("/dev/shm") in memory_volumes, f"{name}: {pod['containers'][0]['name']} has no in-memory /dev/shm"
+
+
+def scales_from_zero(name: str) -> bool:
+    recipe = load(name)
+    if name == "aws-launcher.yaml":
+        return any(t.get("min_workers", 0) == 0 for n, t in recipe["available_node_types"].items() if n != recipe["head_node_type"])
+    return any(group.get("minReplicas", 0) == 0 or group.get("replicas", 0) == 0 for group in worker_groups(recipe))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_cluster_that_starts_without_workers_grows_and_the_sweep_waits(name):
+    recipe = load(name)
+    if not scales_from_zero(name):  # a fixed-size cluster: the sweep sizes itself (auto)
+        group_sizes = [(g["replicas"], g["minReplicas"], g["maxReplicas"]) for g in worker_groups(recipe)]
+        assert all(len(set(sizes)) == 1 for sizes in group_sizes), f"{name}: replicas, minReplicas and maxReplicas differ"
+        for tokens in sweep_commands(name):
+            assert not {"trial.gpus", "max_concurrent"} & set(overrides(tokens)), f"{name}: leave trial.gpus and max_concurrent auto"
+        return
+    if name == "aws-launcher.yaml":
+        head = launcher_start_commands(recipe)["head"]
+        assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head, f"the launcher's head must run the autoscaler: {head}"
+        workers = [t for n, t in recipe["available_node_types"].items() if n != recipe["head_node_type"]]
+        assert all(t.get("resources", {}).get("GPU") for t in workers), "the autoscaler must know what a worker node offers"
+    else:
+        assert cluster_spec(recipe).get("enableInTreeAutoscaling"), f"{name}: zero-replica workers without an autoscaler never start"
+    for tokens in sweep_commands(name):
+        keys = overrides(tokens)
+        assert keys.get("autoscaling") == "true", f"{name}: without autoscaling=true the sweep refuses a cluster with no GPU yet"
+        # the autoscaler's maximum may not be published: the command states the cap
+        assert {"trial.gpus", "max_concurrent"} <= set(keys), f"{name}: state trial.gpus and max_concurrent for a growing cluster"

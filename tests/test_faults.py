@@ -264,7 +264,7 @@ points_to_evaluate: [{learning_rate: 1.0e-3}]
 metric: val_image_auroc
 mode: max
 asha: {grace_period: 1, max_t: 3, reduction_factor: 2}
-trial: {cpus: 1, gpus: 0, workers: 1}
+trial: {cpus: 1, workers: 1}
 """)
     monkeypatch.chdir(tmp_path)
     summary = sweep.run([f"ablation={space}", "max_concurrent=1", "eval_every=1", "eval_batch_size=32"]

@@ -5,8 +5,8 @@ import pytest
 from orchestrator.errors import ConfigError
 from orchestrator.metrics import Metrics
 from orchestrator.plan import plan
-from orchestrator.results import (VALIDATION_METRICS, CategoryEvaluation, ModelEvaluation, TrialResult, is_metric,
-                                  model_evaluation_from_json, model_evaluation_json, tune_report)
+from orchestrator.plan import Cluster, resolve_trial_resources
+from orchestrator.results import VALIDATION_METRICS, CategoryEvaluation, ModelEvaluation, TrialResult, is_metric, tune_report
 from orchestrator.search_space import METRICS as SPACE_METRICS
 
 
@@ -15,16 +15,20 @@ def test_grid_plan_resolves_every_point_once(cache_dir):
     assert [p.label for p in sweep.points] == ["steps=5", "steps=10", "steps=20", "steps=50"]
     assert [p.config.steps for p in sweep.points] == [5, 10, 20, 50]
     assert all(p.config.epochs == 1 for p in sweep.points) and sweep.default_config.steps == 20
-    assert sweep.method_config({"point": "steps=10", "category": "washer"}) is sweep.points[1].config
+    spec = sweep.spec({"spec": "steps=10 · washer"})
+    assert spec.config is sweep.points[1].config and spec.categories == ("washer",) and spec.model_groups == (("washer",),)
     assert sweep.categories == ("washer",) and sweep.per_category_trials
-    assert sweep.model_groups({"point": "steps=10", "category": "washer"}) == [["washer"]]
+    assert len(sweep.trainings) == 4 and sweep.pipeline_keys == {sweep.model_key("transfusion", p.config, ["washer"], 0).key
+                                                                 for p in sweep.points}
 
 
 def test_condition_plan_and_optuna_plan(cache_dir):
     rows = plan({"ablation": "transfusion_final_mask", "data.cache_dir": str(cache_dir)}, {})
     assert rows.points[0].label == rows.space.default_label and len(rows.points) == 4
     optuna = plan({"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir)}, {})
-    assert optuna.points == () and optuna.method_config({"disc_weight": 0.5}).disc_weight == 0.5
+    assert optuna.points == () and optuna.specs == ()
+    spec = optuna.spec({"disc_weight": 0.5})
+    assert spec.config.disc_weight == 0.5 and spec.id == "disc_weight=0.5" and spec.model_groups == (("washer",),)
 
 
 def test_optuna_takes_a_training_epoch_without_validation(cache_dir):
@@ -76,7 +80,7 @@ def test_bad_objectives_are_one_line_errors(cache_dir, values, message):
 def test_multi_class_plan_sets_the_categories(cache_dir):
     sweep = plan({"ablation": "drdc_gamma", "data.cache_dir": str(cache_dir)}, {})
     assert sweep.default_config.num_categories == len(sweep.categories) and not sweep.per_category_trials
-    assert sweep.model_groups({"gamma": 0.5}) == [list(sweep.categories)]
+    assert sweep.spec({"gamma": 0.5}).model_groups == (tuple(sweep.categories),)
 
 
 def test_space_categories_apply_only_to_its_own_dataset(tmp_path, cache_dir):
@@ -93,34 +97,55 @@ def test_benchmark_plan_runs_each_method_at_its_defaults(cache_dir):
     assert sweep.methods == sweep.space.methods and not sweep.per_category_trials
     for p in sweep.points:
         assert type(p.config).__module__ == f"methods.{p.method}" and p.config.epochs == 1
-        assert sweep.method_of({"point": p.label}) == p.method and sweep.method_config({"point": p.label}) is p.config
+        spec = sweep.spec({"spec": p.label})
+        assert spec.method == p.method and spec.config is p.config
     by_method = {p.method: p for p in sweep.points}
     assert by_method["transfusion"].config.steps == 3  # method.steps reaches the methods that have the field
-    assert sweep.model_groups({"point": "drdc"}) == [list(sweep.categories)]  # multi-class: one model
-    assert sweep.model_groups({"point": "transfusion"}) == [[c] for c in sweep.categories]
+    assert sweep.spec({"spec": "drdc"}).model_groups == (tuple(sweep.categories),)  # multi-class: one model
+    assert sweep.spec({"spec": "transfusion"}).model_groups == tuple((c,) for c in sweep.categories)
     keys = {sweep.model_key(p.method, p.config, [sweep.categories[0]], 0).key for p in sweep.points}
     assert len(keys) == len(sweep.points)
 
 
-def test_models_trials_would_train_in_a_row_are_trained_first_in_parallel(cache_dir):
+def test_the_pipeline_trains_every_model_known_before_the_trials(cache_dir):
     bench = plan({"ablation": "benchmark_synthetic", "data.cache_dir": str(cache_dir)}, {})
-    models = bench.pretrain_models()
-    per_category = [m for m in bench.methods if not bench.model_groups({"point": m}) == [list(bench.categories)]]
-    assert len(models) == len(per_category) * len(bench.categories) + (len(bench.methods) - len(per_category))
-    assert {(m, tuple(c)) for m, _, c, _ in models} >= {("transfusion", (c,)) for c in bench.categories}
+    per_category = [m for m in bench.methods if bench.spec({"spec": m}).model_groups != (tuple(bench.categories),)]
+    assert len(bench.trainings) == len(per_category) * len(bench.categories) + (len(bench.methods) - len(per_category))
+    assert {(t.method, t.categories) for t in bench.trainings} >= {("transfusion", (c,)) for c in bench.categories}
+    # longest expected first, and Tune's trials in the order their models come
+    seconds = [t.expected.seconds for t in bench.trainings]
+    assert seconds == sorted(seconds, reverse=True)
+    assert bench.specs[0].method == bench.trainings[0].method
     # Optuna over inference-only axes, several categories: one default model per category
     lam = plan({"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir), "categories": ["washer", "brick"]}, {})
-    assert [(c, seed) for _, _, c, seed in lam.pretrain_models()] == [(["washer"], 0), (["brick"], 0)]
-    # one model per trial (per-category grid, multi-class Optuna), or models not known in advance: nothing to do first
-    assert plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir)}, {}).pretrain_models() == []
-    assert plan({"ablation": "drdc_gamma", "data.cache_dir": str(cache_dir)}, {}).pretrain_models() == []
-    assert plan({"ablation": "benchmark_synthetic", "data.cache_dir": str(cache_dir), "reuse_models": False}, {}).pretrain_models() == []
+    assert sorted((t.categories, t.train_seed) for t in lam.trainings) == [(("brick",), 0), (("washer",), 0)]
+    # a grid of one model per trial: each is in the pipeline
+    assert len(plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir)}, {}).trainings) == 4
+    # trials that sample training fields train as they go; reuse_models=false: each trial trains its own
+    asha = plan({"ablation": "transfusion_lambda", "data.cache_dir": str(cache_dir)}, {})
+    assert len(asha.trainings) == 1
+    assert plan({"ablation": "benchmark_synthetic", "data.cache_dir": str(cache_dir), "reuse_models": False}, {}).trainings == ()
+
+
+def test_auto_resources_fill_the_cluster(cache_dir):
+    settings = plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir)}, {}).settings
+    gpus = resolve_trial_resources(settings, Cluster({"CPU": 64.0, "GPU": 8.0}, "the cluster"))
+    assert (gpus.gpus, gpus.max_concurrent) == (1.0, 8) and "8 GPU" in gpus.notes[1]
+    cpus = resolve_trial_resources(settings, Cluster({"CPU": 4.0}, "a head"))
+    assert (cpus.gpus, cpus.max_concurrent) == (0.0, 4)
+    workers = plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir), "trial.workers": 2, "trial.gpus": 0.25}, {}).settings
+    r = resolve_trial_resources(workers, Cluster({"CPU": 64.0, "GPU": 2.0}, "the cluster"))
+    assert (r.gpus, r.max_concurrent, r.per_training) == (0.25, 4, {"CPU": 2.0, "GPU": 0.5})  # 2 GPUs / (2 x 0.25)
+    fixed = plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir), "max_concurrent": 3, "trial.gpus": 0}, {}).settings
+    r = resolve_trial_resources(fixed, Cluster({"CPU": 64.0, "GPU": 8.0}, "the cluster"))
+    assert (r.gpus, r.max_concurrent, r.notes) == (0.0, 3, ())  # explicit numbers win
 
 
 def test_seeds_repeat_grid_points_with_the_data_split_fixed(cache_dir):
     sweep = plan({"ablation": "transfusion_steps", "data.cache_dir": str(cache_dir), "seed": 4, "seeds": 3}, {})
     assert sweep.training_seeds == (4, 5, 6) and sweep.data.seed == 4
-    assert sweep.train_seed({"point": "steps=5"}) == 4 and sweep.train_seed({"point": "steps=5", "train_seed": 6}) == 6
+    assert {s.train_seed for s in sweep.specs if s.label == "steps=5"} == {4, 5, 6}
+    assert sweep.spec({"spec": "steps=5 · washer · seed 6"}).train_seed == 6
     point = sweep.points[0]
     keys = {sweep.model_key(point.method, point.config, ["washer"], s).key for s in sweep.training_seeds}
     assert len(keys) == 3  # one stored model per training seed
@@ -161,7 +186,7 @@ def test_trial_result_metrics_and_round_trip():
     assert all(is_metric(k) for k in m) and not is_metric("time_total_s") and not is_metric("result")
     assert TrialResult.from_json(result.to_json()) == result
     assert result.sample_maps == ["/x/a.png"]
-    assert model_evaluation_from_json(model_evaluation_json(result.models[0])) == result.models[0]
+    assert ModelEvaluation.from_json(result.models[0].to_json()) == result.models[0]
     report = tune_report(result)
     assert report["model_keys"] == "k1,k2" and TrialResult.from_json(report["result"]) == result
     assert ModelEvaluation(cats, 0.0).validation() == {k: pytest.approx(v) for k, v in
@@ -182,5 +207,5 @@ def test_a_trial_larger_than_the_cluster_stops_before_mlflow(tmp_path, cache_dir
     code = sweep.main(["ablation=transfusion_steps", "trial.gpus=1", f"tracking_uri=sqlite:///{db}",
                        f"storage_path={tmp_path / 'ray'}", f"data.cache_dir={cache_dir}"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # Ray logs to stderr too
-    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: a trial needs 1 worker(s) of 1 CPU and 1 GPU"), errors
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: a trial needs 1 worker(s) of 1 CPU, 1 GPU"), errors
     assert not db.exists()

@@ -66,11 +66,12 @@ def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]]
         return params
 
     description = tracking.dataset_description(dataset, None, split_sizes, seed=seed) if split_sizes else None
-    recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, trial_params, {"ablation": ablation, "dataset": dataset}, dataset=description)
+    recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, {"ablation": ablation, "dataset": dataset}, dataset=description)
     for label, per_category in rows.items():
         method = label if space.is_benchmark else space.method
         for category, det, config in _trials(label, per_category, method):
-            run_id = recorder.run_for(f"{name}/{label}/{category}/{config.get('train_seed')}", f"{label} · {category}", config)
+            run_id = recorder.run_for(f"{name}/{label}/{category}/{config.get('train_seed')}", f"{label} · {category}")
+            recorder.log(run_id, {"params": json.dumps(trial_params(config))}, step=0)
             if det is None:
                 recorder.finish(run_id, ok=False, error="RuntimeError: boom")
                 continue

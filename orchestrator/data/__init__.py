@@ -22,6 +22,7 @@ from orchestrator.data.cache import (CategoryData, build_arrays, cache_folder, c
                                      validation_split, write_cache)
 from orchestrator.data.foreground import ForegroundMode
 from orchestrator.data.images import Preprocess, to_unit_range
+from orchestrator.errors import DatasetError
 from orchestrator.data.registry import DATASETS, DatasetAdapter, get_adapter
 from orchestrator.data.textures import texture_bank
 
@@ -57,6 +58,22 @@ class DataSpec:
 
     def texture_bank(self, size: int):
         return texture_bank(size, cache_dir=self.cache_dir, source=self.textures)
+
+    def split_sizes(self, categories: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        """category -> (training images, images an evaluation predicts on: validation normals
+        and defects + test), counted from the file listing (nothing is decoded)."""
+        adapter = get_adapter(self.dataset)
+        root = adapter.resolve_root(self.root, self.cache_dir)
+        sizes = {}
+        for category in categories:
+            try:
+                files = adapter.scan(root, category)
+            except DatasetError:  # reported with its fix when the sweep prepares the data; sizes only inform estimates
+                sizes[category] = (0, 0)
+                continue
+            held = max(1, int(round(self.val_fraction * len(files.train))))
+            sizes[category] = (max(0, len(files.train) - held), 2 * held + len(files.test))
+        return sizes
 
 
 def list_categories(dataset: str, root: str | Path | None, cache_dir: str | Path | None = None) -> list[str]:
