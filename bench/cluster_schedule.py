@@ -64,6 +64,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     sleeper.register()
     names = sleeper.write_dataset(work / "data", args.categories)
     space = sleeper.write_space(work / "sleeper_schedule.yaml", args.trials)
+    # One machine: no spot preemption to watch for (one process fewer per training), and
+    # worker groups may wait long for a slot while other trainings hold them.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
     started = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import os
 import urllib.parse
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ class Settings:
     storage_path: str = "ray_results"  # Ray Tune/Train storage and the model store (shared on clusters)
     eval_every: int = 0  # epochs between validation reports + checkpoints (0 = auto: epochs // 4 with ASHA or >= 100 epochs, else the last epoch)
     autoscaling: bool = False  # the cluster adds nodes on demand: wait for resources instead of stopping; auto sizes use its maximum
-    drivers: str = "head"  # where trial drivers, Train controllers and training coordinators run: head, or a Ray resource nodes declare
+    drivers: str = "head"  # where the scheduler, trial drivers and Train controllers run: head, or a Ray resource nodes declare
     checkpoint_every_s: float = 600.0  # wall-clock seconds between checkpoints of a training, besides those at validation
     eval_batch_size: int = 16  # images per predict() call
     latency_images: int = 4  # images timed one at a time for batch-1 latency
@@ -294,6 +295,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return v
 
     return plain(config)
+
+
+def param_text(value: Any) -> str:
+    """How a value is written as an MLflow param (and so how reports read it back)."""
+    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from methods import get_method
 from methods.base import MethodConfig, field_docs
 from orchestrator import search_space as spaces
-from orchestrator.config import AUTO, Settings, build_settings, config_to_dict, flatten, redact_uri, resolve_method_config
+from orchestrator.config import AUTO, Settings, build_settings, config_to_dict, flatten, param_text, redact_uri, resolve_method_config
 from orchestrator.data import DataSpec
 from orchestrator.errors import ConfigError
 from orchestrator.schedule import EVALUATE, TRAIN, Job, SimTrial, fitting, simulate
@@ -206,6 +206,17 @@ class SweepPlan:
     def training_seeds(self) -> tuple[int, ...]:
         """``seeds=N`` repeats every point under N training seeds; the data split keeps ``seed``."""
         return tuple(range(self.settings.seed, self.settings.seed + self.settings.seeds))
+
+    @property
+    def default_label(self) -> str:
+        """The default row's label as report rows are labelled from the logged params
+        ("none" for a benchmark, whose every row is a method's default)."""
+        if self.space.is_benchmark:
+            return "none"
+        if self.space.conditions:
+            return self.space.default_label
+        values = config_to_dict(self.default_config)
+        return ", ".join(f"{a.name}={param_text(values[a.name])}" for a in self.space.axes)
 
     @property
     def pipeline_keys(self) -> frozenset[str]:
@@ -541,10 +552,10 @@ def with_trials(draft: SweepPlan) -> SweepPlan:
         for method, config, group, seed in needed:
             training = draft.training(method, config, group, seed)
             trainings.setdefault(training.key.key, training)
-    expected = {key: t.expected.seconds for key, t in trainings.items()}
+    expected = {(t.method, t.config, t.categories, t.train_seed): t.expected.seconds for t in trainings.values()}
 
     def spec_seconds(spec: TrialSpec) -> float:
-        return sum(expected.get(draft.model_key(spec.method, spec.config, group, spec.train_seed).key, 0.0) for group in spec.model_groups)
+        return sum(expected.get((spec.method, spec.config, group, spec.train_seed), 0.0) for group in spec.model_groups)
 
     specs.sort(key=spec_seconds, reverse=True)  # stable: equal trials keep the grid's order
     return dataclasses.replace(draft, specs=tuple(specs), trainings=tuple(sorted(trainings.values(), key=lambda t: -t.expected.seconds)))

@@ -8,7 +8,7 @@ How a sweep runs (docs: the README's "How a sweep runs"):
   room for it, evaluations of existing models first, trainings longest first.
 * **The pipeline**: every model the plan knows before its trials (a grid's models, the
   default model of an inference-only Optuna space) is trained by the scheduler as soon as
-  resources are free, each in a coordinator task that runs Ray Train (Train V2's pattern:
+  resources are free, each driven from a thread of the scheduler (Train V2's pattern:
   whoever calls ``TorchTrainer.fit`` drives it; its run name comes from the model key, so
   a restarted training continues from its last checkpoint). Such a training evaluates
   nothing: the trials do.
@@ -22,14 +22,15 @@ How a sweep runs (docs: the README's "How a sweep runs"):
   across sweeps: the scheduler is an optimisation of *when*, never of *whether*. If the
   scheduler is gone, trials fall back to training what is missing under the lease and
   evaluating without a grant.
-* **Drivers stay off the GPU nodes**: trial drivers, the scheduler and training
-  coordinators (and so Train's controllers, which Train puts on the node of whoever calls
-  ``fit``) claim a sliver of the ``drivers=`` resource: the head by default.
+* **Drivers stay off the GPU nodes**: trial drivers and the scheduler (and so Train's
+  controllers, which Train puts on the node of whoever calls ``fit``) claim a sliver of
+  the ``drivers=`` resource: the head by default.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import logging
 import os
@@ -219,7 +220,7 @@ class TrialContext:
 
     @property
     def driver_claim(self) -> dict[str, float]:
-        """The resources a driver process (trial, scheduler, training coordinator) claims."""
+        """The resources a driver process (the scheduler, a trial) claims."""
         return {driver_resource(self.plan.settings.drivers): DRIVER_SHARE}
 
     def trial_folder(self, trial_id: str) -> str:
@@ -436,7 +437,7 @@ def ensure_model(context: TrialContext, training: TrainingSpec, owner: str, in_t
 
 @dataclass(frozen=True)
 class PipelineOutcome:
-    """What a pipeline training's coordinator tells the scheduler."""
+    """What a pipeline training tells the scheduler."""
 
     status: str  # trained | exists | elsewhere (another holder has the lease: wait for the store)
     start: float = 0.0  # when the training code began (rank 0)
@@ -445,9 +446,8 @@ class PipelineOutcome:
 
 
 def run_pipeline_training(context: TrialContext, training: TrainingSpec) -> PipelineOutcome:
-    """A coordinator task: train one pipeline model under its lease, unless it exists or
-    someone else (another sweep) holds the lease; then the scheduler waits for the store
-    instead of holding a slot."""
+    """Train one pipeline model under its lease, unless it exists or someone else (another
+    sweep) holds the lease; then the scheduler waits for the store instead of holding a slot."""
     if model_ready(context, training.key):
         return PipelineOutcome("exists")
     owner = f"pipeline-{training.key.short}"
@@ -540,6 +540,7 @@ class SweepScheduler:
         self.records: list[schedule.TaskRecord] = []
         self.wake: asyncio.Event | None = None
         self.last_capacity = 0.0
+        self.threads = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(trainings)), thread_name_prefix="pipeline")
 
     async def start(self) -> int:
         """Queue the pipeline (models already in the store are ready at once) and start
@@ -632,9 +633,10 @@ class SweepScheduler:
 
     async def _train(self, job: schedule.Job) -> None:
         training = self.pipeline[job.id]
-        task = ray.remote(run_pipeline_training).options(num_cpus=0, resources=self.context.driver_claim, max_retries=0)
         try:
-            outcome: PipelineOutcome = await task.remote(self.context, training)
+            # In a thread of this actor: each training adds Train's own processes (controller,
+            # synchronisation actor, placement-group cleaner) to the driver node, not one more.
+            outcome = await asyncio.get_running_loop().run_in_executor(self.threads, run_pipeline_training, self.context, training)
         except Exception as exc:  # noqa: BLE001 - the training failed: trials needing it fail with this reason
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             log.error("training of model %s failed: %s", training.key.short, why)
@@ -909,6 +911,7 @@ class TrialOutcome:
     trial_id: str
     path: str
     error: str | None  # first line of the error of a failed trial
+    models_trained: int = 0  # models the trial trained itself (not the pipeline's)
 
 
 def latest_sweep(storage: Storage, prefix: str) -> str | None:
@@ -970,7 +973,8 @@ def run_sweep(context: TrialContext, recorder: TrialRecorder, where: Cluster, re
         )
     results = tuner.fit()
     trials = [TrialOutcome(trial_id=str((r.metrics or {}).get("trial_id", Path(r.path).name)), path=str(r.path),
-                           error=(str(r.error).splitlines() or [type(r.error).__name__])[0] if r.error else None) for r in results]
+                           error=(str(r.error).splitlines() or [type(r.error).__name__])[0] if r.error else None,
+                           models_trained=int((r.metrics or {}).get("models_trained", 0))) for r in results]
     try:
         records = ray.get(scheduler.stop.remote(), timeout=60)
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):

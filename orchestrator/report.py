@@ -51,7 +51,7 @@ import pandas as pd
 from orchestrator import search_space as spaces
 from orchestrator import selection as stats
 from orchestrator import tracking
-from orchestrator.config import Settings, config_to_dict, flatten, resolve_method_config
+from orchestrator.config import Settings, config_to_dict, flatten, param_text, resolve_method_config
 from orchestrator.errors import ConfigError, UserError
 from orchestrator.results import metric_name
 
@@ -84,10 +84,6 @@ SETTINGS_NOT_IN_COMMAND = {"tracking_uri", "storage_path", "data.cache_dir", "re
 SETTINGS_ALWAYS_IN_COMMAND = {"dataset", "scale", "trial.cpus", "trial.gpus", "trial.workers"}
 MAPS_PER_ROW = 4  # sample anomaly maps shown per table row on the site
 MAPS_PER_TRIAL = 2
-
-
-def _param(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
 
 def dataset_title(dataset: str) -> str:
@@ -250,19 +246,24 @@ def row_labels(space: spaces.SearchSpace, trials: pd.DataFrame) -> pd.Series:
     return label
 
 
-def default_label(space: spaces.SearchSpace, scale: str) -> str | None:
-    """The default row's label (None for a benchmark: every row is a method's default)."""
+def default_label(space: spaces.SearchSpace, sweep: Sweep) -> str | None:
+    """The default row's label (None for a benchmark: every row is a method's default), as
+    the sweep logged it; sweeps recorded before it was logged: from the space and today's
+    method config."""
     if space.is_benchmark:
         return None
+    logged = _text(sweep.run.get("tags.default_label"))
+    if logged:
+        return logged
     if space.conditions:
         return space.default_label
-    values = config_to_dict(resolve_method_config(space.method, scale, space.fixed))
-    return ", ".join(f"{a.name}={_param(values[a.name])}" for a in space.axes)
+    values = config_to_dict(resolve_method_config(space.method, sweep.identity.scale or space.scale, space.fixed))
+    return ", ".join(f"{a.name}={param_text(values[a.name])}" for a in space.axes)
 
 
-def default_rows(space: spaces.SearchSpace, scale: str) -> list[str]:
+def default_rows(space: spaces.SearchSpace, sweep: Sweep) -> list[str]:
     """Labels of the rows that are a method's default configuration (leaderboard rows)."""
-    return list(space.methods) if space.is_benchmark else [default_label(space, scale)]
+    return list(space.methods) if space.is_benchmark else [default_label(space, sweep)]
 
 
 def per_category(trials: pd.DataFrame, categories: list[str], metric: str) -> pd.DataFrame:
@@ -516,7 +517,7 @@ def agreement_lines(space: spaces.SearchSpace, uri: str, sweep: str) -> list[str
     """The agreement of one finished sweep, a line per dataset (printed at the end of a sweep)."""
     lines = []
     for sel in select(all_sweeps(space.name, uri), sweep):
-        comb = combine(space, sel, default_label(space, sel.identity.scale or space.scale))
+        comb = combine(space, sel, default_label(space, sel.newest))
         agreed = agreement(space, comb)
         lines.append(f"{dataset_title(sel.dataset)}: " + (agreed.text() if agreed else "fewer than two rows with validation and test values: no agreement to measure"))
         front = pareto(space, sel.newest)
@@ -615,8 +616,7 @@ def _flags(combined: Combined, row: str) -> str:
 
 def build_table(space: spaces.SearchSpace, selections: list[Selection]) -> tuple[pd.DataFrame, pd.DataFrame, list[str], str | None]:
     """The Table-4-style frame (string cells), the per-category frame, notes, default row label."""
-    scale = selections[0].identity.scale or space.scale
-    default = default_label(space, scale)
+    default = default_label(space, selections[0].newest)
     keys = shown_metrics(space)
     combined = {sel.dataset: combine(space, sel, default) for sel in selections}
     rows = order_rows(space, sorted({r for c in combined.values() for r in c.rows}), default)
@@ -853,8 +853,7 @@ def board_rows(uri: str) -> list[BoardRow]:
         space = spaces.load(name)
         for sweep in all_sweeps(name, uri):
             stats = row_stats(space, sweep)
-            scale = sweep.identity.scale or space.scale
-            for label in default_rows(space, scale):
+            for label in default_rows(space, sweep):
                 if label not in stats.rows:
                     continue
                 method = label if space.is_benchmark else _text(sweep.run.get("tags.method"), space.method)
@@ -967,7 +966,7 @@ def ablations_in_store(uri: str) -> list[str]:
 def reproduce_command(sweep: Sweep) -> str:
     """The sweep command that reruns this sweep: every setting that differs from the
     defaults (except where things are stored), plus its method overrides."""
-    defaults = {k: _param(v) for k, v in flatten(config_to_dict(Settings())).items()}
+    defaults = {k: param_text(v) for k, v in flatten(config_to_dict(Settings())).items()}
     parts = [f"ablation={sweep.identity.ablation}"]
     for key, default in defaults.items():
         if key in SETTINGS_NOT_IN_COMMAND:
@@ -1108,8 +1107,7 @@ def _ablation_page(name: str, uri: str, site: Path, ui_url: str | None, pinned: 
     if not sweeps:
         return None
     selections = select(sweeps, pinned)
-    scale = selections[0].identity.scale or space.scale
-    default = default_label(space, scale)
+    default = default_label(space, selections[0].newest)
     asset_dir = site / "ablations" / name
     plot = asset_dir / "plot.png"
     _plot(space, selections, plot, default)

@@ -50,6 +50,13 @@ TRAINING_CODE = ("orchestrator/training.py", "orchestrator/data/images.py", "orc
 
 def imported_method_modules(path: Path) -> set[str]:
     """``methods.*`` modules a source file imports (absolute imports, as the project writes them)."""
+    stat = path.stat()
+    return set(_imported_method_modules(path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=512)
+def _imported_method_modules(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    """Parsed once per version of the file (a sweep plans hundreds of model keys)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "methods":
@@ -57,7 +64,7 @@ def imported_method_modules(path: Path) -> set[str]:
             found.update(f"{node.module}.{a.name}" for a in node.names)  # `from methods import unet` names a module
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "methods")
-    return found
+    return frozenset(found)
 
 
 def module_file(module: str, root: Path) -> Path | None:

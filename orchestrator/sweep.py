@@ -76,7 +76,7 @@ def dry_run_cluster():
 def sweep_tags(sweep: SweepPlan, git_commit: str) -> dict[str, str]:
     return {"ablation": sweep.space.name, "dataset": sweep.settings.dataset, "scale": sweep.scale, "method": ",".join(sweep.methods),
             "git_commit": git_commit, "search": sweep.space.search, "selection_metric": sweep.space.metric,
-            "objectives": ",".join(name for name, _ in sweep.objectives),
+            "objectives": ",".join(name for name, _ in sweep.objectives), "default_label": sweep.default_label,
             "method_overrides": " ".join(f"method.{k}={v}" for k, v in sorted(sweep.method_overrides.items())) or "none"}
 
 
@@ -173,7 +173,8 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     for trial_id, run_id in parent.child_runs().items():
         if trial_id in spent.per_trial:
             recorder.log_numbers(run_id, {f"cost_{unit.lower()}_hours": spent.per_trial[trial_id], "cost_share": spent.share(trial_id)})
-    recorder.log_numbers(parent.run_id, {f"cost_{unit.lower()}_hours": spent.total_hours,
+    trained = sum(r.kind == "train" and r.trial is None for r in outcome.records) + sum(o.models_trained for o in outcomes)
+    recorder.log_numbers(parent.run_id, {"models_trained": trained, f"cost_{unit.lower()}_hours": spent.total_hours,
                                          f"cost_training_{unit.lower()}_hours": spent.training_hours,
                                          f"cost_evaluation_{unit.lower()}_hours": spent.evaluation_hours,
                                          "cost_wall_seconds": time.time() - started})
@@ -188,7 +189,7 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     stopped = [o for o in outcomes if states.get(o.trial_id) == "stopped"]
     summary = {"sweep": sweep_name, "trials": len(outcomes), "failed": len(failed), "unfinished": len(unfinished),
                "stopped_early": len(stopped), "tracking_uri": uri, "reports": [], "parent_run_id": parent.run_id,
-               "schedule": storage.join(schedule_file), "max_concurrent": resources.max_concurrent}
+               "schedule": storage.join(schedule_file), "max_concurrent": resources.max_concurrent, "models_trained": trained}
     if unfinished:
         parent.finish("KILLED")
         print(f"\nsweep {sweep_name} interrupted: {len(unfinished)} of {len(outcomes)} trials unfinished; "

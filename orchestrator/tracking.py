@@ -46,7 +46,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from orchestrator.config import redact_uri
+from orchestrator.config import param_text, redact_uri
 from orchestrator.results import TrialResult, is_metric
 from orchestrator.storage import Storage, is_remote
 
@@ -246,13 +246,9 @@ def experiment_id(mlflow_client: MlflowClient, name: str, artifact_location: str
     return found.experiment_id if found else mlflow_client.create_experiment(name, artifact_location=artifact_location)
 
 
-def _param(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
-
-
 def log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     existing = mlflow_client.get_run(run_id).data.params
-    fresh = [Param(k, _param(v)) for k, v in params.items() if k not in existing]
+    fresh = [Param(k, param_text(v)) for k, v in params.items() if k not in existing]
     for start in range(0, len(fresh), 100):
         mlflow_client.log_batch(run_id, params=fresh[start : start + 100])
 

@@ -11,6 +11,7 @@ These are the README's "Running on a cluster" steps.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def ray_cli(*args, env, timeout=180):
     return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(services):
     """A head and one worker node, each with 1 CPU, their processes holding the S3
     variables (what a cluster's nodes get from their launcher)."""
@@ -48,7 +49,7 @@ def cluster(services):
         worker = ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
                          f"--temp-dir={temp}w", "--disable-usage-stats", env=env)
         assert worker.returncode == 0, worker.stderr[-2000:]
-        yield dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dashboard}")
+        yield dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dashboard}", GCS_ADDRESS=f"127.0.0.1:{gcs}")
     finally:
         ray_cli("stop", "--force", env=env, timeout=120)
         for folder in (temp, Path(f"{temp}w")):
@@ -79,7 +80,7 @@ def test_job_on_two_nodes_with_object_storage_and_mlflow_server(cluster, service
     assert len(parent) == 1 and parent["status"].iloc[0] == "FINISHED"
     trials = frame[frame[f"tags.{tracking.PARENT_TAG}"] == parent["run_id"].iloc[0]]
     assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
-    assert trials["metrics.models_trained"].sum() == 1 and trials["metrics.test_image_auroc"].notna().all()
+    assert parent["metrics.models_trained"].iloc[0] == 1 and trials["metrics.test_image_auroc"].notna().all()
     # ... each trial's sample map went through the server into the bucket.
     for run_id in trials["run_id"]:
         assert tracking.artifact_paths(services.tracking_uri, run_id, "anomaly_maps"), run_id
@@ -97,3 +98,47 @@ def test_job_on_two_nodes_with_object_storage_and_mlflow_server(cluster, service
     assert any(k.startswith(f"{prefix}/sweeps/transfusion_final_mask-") for k in keys)
     assert any(k.startswith(f"{prefix}/artifacts/") and k.endswith(".png") for k in keys)
     assert not (ROOT / "s3:").exists()
+
+
+def test_asha_on_two_nodes_stops_trials_and_leaves_no_placement_group(cluster, services, cache_dir, tmp_path, monkeypatch):
+    """The ASHA scenario of tests/test_faults.py submitted to the two-node cluster: stopped
+    trials are finished trials, and no stopped trial's Train placement group is left on
+    either node."""
+    from test_faults import ASHA_SPACE, check_asha_sweep
+
+    space = tmp_path / "transfusion_asha.yaml"
+    space.write_text(ASHA_SPACE)
+    storage = f"s3://{services.store.bucket}/asha-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {k: v for k, v in services.env.items()}}
+    submitted = ray_cli(
+        "job", "submit", "--working-dir", str(ROOT), "--entrypoint-num-cpus=0", "--runtime-env-json", json.dumps(runtime_env), "--",
+        sys.executable, "-m", "orchestrator.sweep", f"ablation={space}", "max_concurrent=2", "eval_every=1", "eval_batch_size=32",
+        "method.epochs=3", "method.steps=5", f"storage_path={storage}", f"tracking_uri={services.tracking_uri}",
+        f"data.cache_dir={cache_dir}", "latency_images=1", "sample_maps=1",
+        env=cluster, timeout=1200,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-4000:]
+    frame = tracking.search_runs(services.tracking_uri, "transfusion_asha")
+    parent = frame[(frame["tags.kind"] == "sweep") & (frame["tags.storage"] == storage)]
+    mine = frame[(frame["run_id"].isin(parent["run_id"])) | (frame[f"tags.{tracking.PARENT_TAG}"].isin(parent["run_id"]))]
+    stopped = re.search(r"(\d+) stopped early by the scheduler", submitted.stdout)
+    assert stopped, submitted.stdout[-2000:]
+    check_asha_sweep(mine, int(stopped.group(1)))
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the test head was started
+    ray.init(address=cluster["GCS_ADDRESS"])
+    try:
+        alive = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        # drivers=head (the default): the sweeps' schedulers, trial drivers and Train controllers
+        # all ran on the head, the worker node only ran Train workers and evaluations
+        from ray.util.state import list_actors
+
+        head = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("node:__internal_head__"))
+        drivers = [a for a in list_actors(limit=10_000, detail=True, raise_on_missing_output=False)
+                   if a.class_name in ("SweepScheduler", "ImplicitFunc", "TrainController")]
+    finally:
+        ray.shutdown()
+    assert not alive, alive
+    assert {a.class_name for a in drivers} == {"SweepScheduler", "ImplicitFunc", "TrainController"}, drivers
+    assert {a.node_id for a in drivers} == {head}, [(a.class_name, a.node_id) for a in drivers if a.node_id != head]

@@ -5,6 +5,7 @@ Every scenario ends in finished MLflow runs, each trial exactly once, and the mo
 trained once.
 """
 
+import json
 import os
 import re
 import shutil
@@ -82,11 +83,9 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, cache_dir):
     assert proc.returncode == 0, why(output)
     trials = children(tmp_path, "transfusion_final_mask")
     assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
-    assert trials["metrics.models_trained"].sum() == 1
+    assert runs(tmp_path, "transfusion_final_mask").query("`tags.kind` == 'sweep'")["metrics.models_trained"].tolist() == [1]
     metas = list((tmp_path / "ray" / "models").glob("*/versions/*/meta.json"))
     assert len(metas) == 1
-    import json
-
     assert json.loads(metas[0].read_text())["resumed_after_epoch"] > 0  # continued, not restarted
 
 
@@ -112,7 +111,8 @@ def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path, cache_d
     frame = runs(tmp_path, "transfusion_final_mask")
     parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
     assert len(parents) == 1 and (parents["status"] == "FINISHED").all()
-    assert len(trials) == 4 and (trials["status"] == "FINISHED").all() and trials["metrics.models_trained"].sum() == 1
+    assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+    assert len(list((tmp_path / "ray" / "models").glob("*/versions/*"))) == 1  # trained once, before the interruption
     for run_id, end_time in zip(finished_before["run_id"], finished_before["end_time"]):  # not run again
         assert trials.set_index("run_id").at[run_id, "end_time"] == end_time
 
@@ -147,9 +147,8 @@ def test_two_sweeps_sharing_a_store_train_the_model_once(tmp_path, cache_dir, ra
                                    *sweep_args(tmp_path / "final", cache_dir, "method.epochs=2", storage=tmp_path / "ray")], env=ray_head)
     outputs = [p.communicate(timeout=1200)[0] for p in (lam, final)]
     assert lam.returncode == 0 and final.returncode == 0, "\n=====\n".join(why(o) for o in outputs)
-    trained = children(tmp_path / "lam", "transfusion_lambda")["metrics.models_trained"].sum() + \
-        children(tmp_path / "final", "transfusion_final_mask")["metrics.models_trained"].sum()
-    assert trained == 1
+    parents = [runs(tmp_path / "lam", "transfusion_lambda"), runs(tmp_path / "final", "transfusion_final_mask")]
+    assert sum(p.query("`tags.kind` == 'sweep'")["metrics.models_trained"].sum() for p in parents) == 1
     assert len(list((tmp_path / "ray" / "models").glob("*/versions/*"))) == 1
 
 
@@ -244,36 +243,97 @@ def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path, cache_dir, mlfl
     assert not list((tmp_path / "ray" / "mlflow-spool").glob("*.jsonl"))  # everything reached MLflow
 
 
-def test_asha_stopped_trials_are_finished_trials(tmp_path, cache_dir, ray_shutdown, monkeypatch):
-    """A small ASHA space (given as a path): trials ASHA stops early end FINISHED with the
-    tag stopped_early, the sweep is complete (no 'unfinished', exit 0) and reported."""
-    from orchestrator import sweep
-
-    space = tmp_path / "transfusion_asha.yaml"
-    space.write_text("""
+ASHA_SPACE = """
 description: "ASHA over TransFusion's learning rate (test)"
 method: transfusion
 dataset: synthetic
 categories: [washer]
 scale: smoke
 axes:
-  learning_rate: {loguniform: [1.0e-6, 1.0e-2]}
+  learning_rate: {loguniform: [1.0e-8, 1.0e-2]}
 search: optuna
-num_samples: 4
-points_to_evaluate: [{learning_rate: 1.0e-3}]
-metric: val_image_auroc
+num_samples: 5
+# one good rate and one too small to learn anything in an epoch run first (two at a time),
+# so both are on ASHA's rung at epoch 1 before the next starts; three more small rates
+# (each distinct: one rate is one model, trained once and then only loaded) fall below
+# the rung's median and are stopped
+points_to_evaluate: [{learning_rate: 1.0e-3}, {learning_rate: 1.0e-8}, {learning_rate: 2.0e-8}, {learning_rate: 3.0e-8}, {learning_rate: 4.0e-8}]
+metric: val_pixel_ap
 mode: max
 asha: {grace_period: 1, max_t: 3, reduction_factor: 2}
 trial: {cpus: 1, workers: 1}
-""")
-    monkeypatch.chdir(tmp_path)
-    summary = sweep.run([f"ablation={space}", "max_concurrent=1", "eval_every=1", "eval_batch_size=32"]
-                        + sweep_args(tmp_path, cache_dir, "method.epochs=3"))
-    assert summary["trials"] == 4 and summary["failed"] == 0 and summary["unfinished"] == 0, summary
-    frame = runs(tmp_path, "transfusion_asha")
+"""
+
+
+def check_asha_sweep(frame: pd.DataFrame, summary_stopped: int) -> pd.Series:
+    """Every trial finished or was stopped early (at least one), stops tagged."""
     parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
     assert (parents["status"] == "FINISHED").all() and (trials["status"] == "FINISHED").all()
     stopped = trials["tags.stopped_early"].eq("true") if "tags.stopped_early" in trials else pd.Series(False, index=trials.index)
-    assert stopped.sum() == summary["stopped_early"]
+    assert stopped.sum() >= 1 and stopped.sum() == summary_stopped, (stopped.sum(), summary_stopped)
     assert trials.loc[~stopped, "metrics.test_image_auroc"].notna().all()  # completed trials have their test result
     assert trials["metrics.train_loss"].notna().all()  # the loss is logged every epoch
+    return stopped
+
+
+def test_asha_stops_trials_early_and_releases_their_training_resources(tmp_path, cache_dir, ray_shutdown, monkeypatch):
+    """ASHA with two trials at once: trials it stops are finished trials tagged
+    stopped_early, the others complete; no stopped trial's Train placement group is left
+    behind (it would hold a CPU, and the next trial's workers would never start)."""
+    import ray
+
+    from orchestrator import sweep
+
+    space = tmp_path / "transfusion_asha.yaml"
+    space.write_text(ASHA_SPACE)
+    monkeypatch.chdir(tmp_path)
+    summary = sweep.run([f"ablation={space}", "max_concurrent=2", "eval_every=1", "eval_batch_size=32"]
+                        + sweep_args(tmp_path, cache_dir, "method.epochs=3"))
+    assert summary["trials"] == 5 and summary["failed"] == 0 and summary["unfinished"] == 0, summary
+    check_asha_sweep(runs(tmp_path, "transfusion_asha"), summary["stopped_early"])
+    deadline = time.monotonic() + 60  # Train's placement-group cleaner acts within seconds
+    while time.monotonic() < deadline:
+        alive = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not alive:
+            break
+        time.sleep(2)
+    assert not alive, alive
+
+
+ONE_TRAINING = """
+description: "one model trained inside its trial (test)"
+method: transfusion
+dataset: synthetic
+categories: [washer]
+scale: smoke
+axes:
+  steps: {grid: [20]}
+search: grid
+metric: val_pixel_ap
+trial: {cpus: 1, workers: 1}
+"""
+
+
+def test_ddp_evaluation_on_every_rank_passes_trains_report_barrier(tmp_path, cache_dir):
+    """A training inside its trial (reuse_models=false) with two DDP workers evaluates its
+    model on both ranks. Ray Train's report barrier is set to time out after 3 s, less than
+    one rank's evaluation: had rank 0 evaluated alone while rank 1 waited at the barrier,
+    the trial would fail."""
+    space = tmp_path / "one_training.yaml"
+    space.write_text(ONE_TRAINING)
+    timeout = 3.0
+    env = dict(os.environ, RAY_TRAIN_COLLECTIVE_TIMEOUT_S=str(timeout))
+    args = [f"ablation={space}", "reuse_models=false", "trial.workers=2", "latency_images=2",
+            *sweep_args(tmp_path, cache_dir, "method.epochs=1")]
+    args = [a for a in args if a != "method.steps=5"]  # the space's 20 steps: an evaluation of several seconds
+    proc = start_sweep(tmp_path, args, env=env)
+    output = proc.communicate(timeout=1200)[0]
+    assert proc.returncode == 0, why(output)
+    (trial,) = [row for _, row in children(tmp_path, "one_training").iterrows()]
+    assert trial["status"] == "FINISHED" and trial["metrics.models_trained"] == 1
+    # each rank predicted half the test split, and that half alone took longer than the barrier's timeout
+    test_images = 60  # the synthetic washer's test split
+    per_rank = test_images / trial["metrics.images_per_second"]
+    assert 2 * per_rank > timeout, f"the evaluation ({2 * per_rank:.1f} s on one rank) is too short to test the barrier"
+    meta = [json.loads(p.read_text()) for p in (tmp_path / "ray" / "models").glob("*/versions/*/meta.json")]
+    assert [m["world_size"] for m in meta] == [2]
