@@ -66,6 +66,20 @@ def pss_mib(pid: int) -> float:
     return 0.0
 
 
+def title(pid: int) -> str:
+    """What a process is: Ray's title for its workers (``ray::run_trial``, ``ray::TrainController``,
+    ``ray::IDLE``, ...), else its program's name."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = words[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split()[0].split(".")[0]
+    program = next((w.decode(errors="replace") for w in words if w.endswith(b".py") or b"/" not in w), first)
+    return Path(program).name or first
+
+
 def head_pids(cluster) -> list[int]:
     """The head node's own processes (GCS, dashboard, raylet, ...): their workers are the raylet's children."""
     return [info.process.pid for infos in cluster.head_node.all_processes.values() for info in infos if info.process is not None]
@@ -85,13 +99,18 @@ def measure(trials: int, train_s: float, eval_s: float, work: Path) -> dict:
         cluster.add_node(num_cpus=1, resources={"slot": 1})
     ray.init(address=cluster.address, runtime_env=sleeper.RUNTIME_ENV, namespace="diffad")
     roots = head_pids(cluster) + [os.getpid()]
-    samples: list[tuple[float, float, int]] = []
+    samples: list[tuple[float, float, int, dict[str, list[float]]]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(1.0):
-            pids = descendants(roots)
-            samples.append((time.time(), sum(pss_mib(p) for p in pids), len(pids)))
+            by_title: dict[str, list[float]] = {}
+            for pid in descendants(roots):
+                kind = title(pid)
+                by_title.setdefault(kind, [0, 0.0])
+                by_title[kind][0] += 1
+                by_title[kind][1] += pss_mib(pid)
+            samples.append((time.time(), sum(v[1] for v in by_title.values()), sum(v[0] for v in by_title.values()), by_title))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -108,8 +127,9 @@ def measure(trials: int, train_s: float, eval_s: float, work: Path) -> dict:
         cluster.shutdown()
     assert summary.get("failed") == 0 and summary.get("max_concurrent") == trials, summary
     peak = max(samples, key=lambda s: s[1])
-    return {"trials": trials, "peak_pss_mib": round(peak[1], 1), "processes_at_peak": peak[2],
-            "idle_pss_mib": round(samples[0][1], 1) if samples else None, "samples": len(samples)}
+    breakdown = {kind: {"processes": int(n), "pss_mib": round(mib, 1)} for kind, (n, mib) in sorted(peak[3].items(), key=lambda kv: -kv[1][1])}
+    return {"trials": trials, "peak_pss_mib": round(peak[1], 1), "processes_at_peak": peak[2], "at_peak": breakdown,
+            "samples": len(samples)}
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -133,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.trials:
         row = measure(n, args.train_s, args.eval_s, Path(tempfile.mkdtemp(prefix=f"head-memory-{n}-")))
         rows.append(row)
-        print(f"{n} trial(s) at once: head peak {row['peak_pss_mib']:.0f} MiB PSS over {row['processes_at_peak']} processes")
+        print(f"{n} trial(s) at once: head peak {row['peak_pss_mib']:.0f} MiB PSS over {row['processes_at_peak']} processes: "
+              + ", ".join(f"{kind} {v['processes']} x {v['pss_mib'] / v['processes']:.0f}" for kind, v in row["at_peak"].items()))
     intercept, slope = fit([r["trials"] for r in rows], [r["peak_pss_mib"] for r in rows])
     need = {gpus: round((intercept + gpus * slope) / 1024, 1) for gpus in (8, 16, 64)}
     print(f"fit: {intercept:.0f} MiB + {slope:.0f} MiB per concurrent trial; a head for 64 GPUs (64 trials, 64 trainings): "

@@ -41,7 +41,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -59,13 +59,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from orchestrator import schedule
 from orchestrator import search_space as spaces
 from orchestrator.errors import ConfigError
-from orchestrator.leases import LEASE_SECONDS, Lease, LeaseBoard
+from orchestrator.leases import LEASE_SECONDS, Lease
 from orchestrator.plan import Cluster, SweepPlan, TrainingSpec, TrialResources, TrialSpec
 from orchestrator.results import CategoryEvaluation, ModelEvaluation, TrialResult, tune_report
 from orchestrator.storage import Storage
-from orchestrator.store import ModelKey, ModelStore
-from orchestrator.tracking import TrialRecorder
+from orchestrator.store import ModelKey, ModelStore, StaleLease
 from orchestrator.training import Shard, build_model, evaluate_category, evaluate_model, fit, load_datas, training_data, validate
+
+if TYPE_CHECKING:  # MLflow is imported by the driver only: every Ray worker that imports this module would pay for it
+    from orchestrator.tracking import TrialRecorder
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +92,9 @@ def connect() -> None:
         start_local_ray()
 
 
-class ClusterLeaseBoard:
-    """The synchronous face of the cluster's lease-board actor (the leases of an
-    object-store storage_path, see orchestrator/leases.py): one detached actor per
-    cluster, created by whichever process needs it first."""
-
-    def __init__(self):
-        self.actor = ray.remote(num_cpus=0)(LeaseBoard).options(name="diffad-leases", namespace="diffad", lifetime="detached",
-                                                              get_if_exists=True).remote()
-
-    def __getattr__(self, op: str):
-        method = getattr(self.actor, op)
-        return lambda *args: ray.get(method.remote(*args))
-
-
 def lease_for(storage: Storage, name: str, owner: str, seconds: float = LEASE_SECONDS) -> Lease:
-    """A lease under ``<storage>/leases``: a file there, or a record on the cluster's board."""
-    return Lease(storage.join("leases"), name, owner, seconds, board=ClusterLeaseBoard() if storage.remote else None)
+    """A lease under ``<storage>/leases`` (orchestrator/leases.py: conditional writes on the storage itself)."""
+    return Lease(storage, name, owner, seconds)
 
 
 def check_shared_storage(storage: Storage) -> None:
@@ -261,6 +249,7 @@ class TrainingJob:
     owner: str  # the trial id, or the pipeline's name for the model
     resume_from: str | None  # a checkpoint another attempt of this model left (relative to the storage)
     in_trial: bool
+    token: int = 0  # the fencing token of the model's lease: the store refuses to publish under a stale one
 
     @property
     def run_name(self) -> str:
@@ -363,7 +352,10 @@ def train_loop_per_worker(cfg: dict[str, TrainingJob]) -> None:
         meta = {"method": spec.method, "categories": list(spec.categories), "epochs": config.epochs, "train_seconds": train_seconds,
                 "world_size": world_size, "nodes": sorted(set(nodes)), "device": str(device), "sweep": context.sweep_name,
                 "trained_by": job.owner, "resumed_after_epoch": resumed_after, "started_at": started, "losses": losses}
-        ModelStore(context.storage_path).save(key, {k: v.cpu() for k, v in model.state_dict().items()}, meta)
+        try:
+            ModelStore(context.storage_path).save(key, {k: v.cpu() for k, v in model.state_dict().items()}, meta, token=job.token)
+        except StaleLease as exc:  # a successor took the lease over and published: its model stands
+            log.error("%s", exc)
 
 
 def train_model(job: TrainingJob) -> None:
@@ -421,7 +413,7 @@ def ensure_model(context: TrialContext, training: TrainingSpec, owner: str, in_t
                 # A new Train run per attempt, started from the key's latest checkpoint
                 # (a resumed trial finds its own run's checkpoint there too).
                 resume = None if settings.retrain else latest_checkpoint(context.storage, key)
-                train_model(TrainingJob(context, training, owner, resume, in_trial))
+                train_model(TrainingJob(context, training, owner, resume, in_trial, lease.token))
                 if not ModelStore(context.storage_path).exists(key):
                     raise RuntimeError(f"training of model {key.short} finished without publishing weights")
                 return True
@@ -459,7 +451,7 @@ def run_pipeline_training(context: TrialContext, training: TrainingSpec) -> Pipe
         if model_ready(context, training.key):
             return PipelineOutcome("exists")
         resume = None if context.plan.settings.retrain else latest_checkpoint(context.storage, training.key)
-        train_model(TrainingJob(context, training, owner, resume, in_trial=False))
+        train_model(TrainingJob(context, training, owner, resume, in_trial=False, token=lease.token))
         store = ModelStore(context.storage_path)
         if not store.exists(training.key):
             raise RuntimeError(f"training of model {training.key.short} finished without publishing weights")
@@ -681,7 +673,9 @@ class SweepScheduler:
 def start_scheduler(context: TrialContext, where: Cluster):
     """The sweep's scheduler actor (its lifetime is the driver's), started with the pipeline."""
     actor = ray.remote(SweepScheduler).options(name=context.scheduler_name, namespace=NAMESPACE, num_cpus=0,
-                                               resources=context.driver_claim, max_concurrency=10_000)
+                                               resources=context.driver_claim, max_concurrency=10_000,
+                                               # its training threads wait on Train's controllers with ray.get, off the event loop
+                                               runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}})
     handle = actor.remote(context, where.capacity(context.resources), list(context.plan.trainings), context.plan.settings.autoscaling)
     queued = ray.get(handle.start.remote())
     log.info("pipeline: %d of %d models to train (longest first), %d trial(s) at once",

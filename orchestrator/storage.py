@@ -10,13 +10,26 @@ one URI works for both and the credentials come from the standard variables
 
 Atomicity, which the model store and hand-offs rely on (a reader sees a whole file or
 none): local writes go to a temporary sibling renamed into place; an object-store PUT is
-atomic by itself. Object stores have no exclusive create that pyarrow exposes, so leases
-on them are kept by the cluster's lease actor instead (see :mod:`orchestrator.leases`).
+atomic by itself.
+
+Conditional writes, which the leases and the model store's ``current`` pointer rely on
+(:meth:`Storage.read_tagged`, :meth:`Storage.create`, :meth:`Storage.swap`): on a folder,
+an exclusive create (a hard link, which fails when the name exists, on local disks and NFS
+alike) and a compare-and-swap under an ``flock`` of a sibling lock file; on S3, PutObject
+with ``If-None-Match: *`` and ``If-Match: <etag>`` sent by boto3 (pyarrow sends neither).
+boto3 rather than obstore: it is what MLflow itself uses for S3 artifacts (one client, one
+set of credentials and endpoint variables), and its conditional puts are documented API.
+GCS is refused for these (``check_conditional_writes``): its preconditions are another API
+that no test here exercises.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import posixpath
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +59,7 @@ class Storage:
         root = str(root)
         self.uri = root.rstrip("/") if is_remote(root) else str(Path(root).resolve())
         self._fs: tuple[pafs.FileSystem, str] | None = None
+        self._client = None  # boto3, for conditional writes on S3
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -140,6 +154,105 @@ class Storage:
                    for info in self.fs.get_file_info(selector)]
         return sorted(entries, key=lambda e: e.path)
 
+    # ------------------------------------------------------------------ conditional writes
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        """The file's bytes and its tag (an S3 ETag; a content digest on a folder), or None."""
+        if self.remote:
+            client, bucket, key = self._s3(rel)
+            try:
+                reply = client.get_object(Bucket=bucket, Key=key)
+            except client.exceptions.NoSuchKey:
+                return None
+            return reply["Body"].read(), reply["ETag"]
+        try:
+            data = self.local(rel).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return data, _digest(data)
+
+    def create(self, rel: str, data: bytes) -> str | None:
+        """Write ``rel`` only if it does not exist; its tag, or None when it existed."""
+        if self.remote:
+            return self._put_if(rel, data, IfNoneMatch="*")
+        path = self.local(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)  # atomic, and fails when the name exists (local disks and NFS)
+        except FileExistsError:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return _digest(data)
+
+    def swap(self, rel: str, data: bytes, tag: str) -> str | None:
+        """Replace ``rel`` only if its tag is still ``tag``; the new tag, or None when it changed."""
+        if self.remote:
+            return self._put_if(rel, data, IfMatch=tag)
+        path = self.local(rel)
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # every swap of this file holds it: compare and replace as one step
+            try:
+                if _digest(path.read_bytes()) != tag:
+                    return None
+            except FileNotFoundError:
+                return None
+            write_file(path, lambda handle: handle.write(data))
+        return _digest(data)
+
+    def check_conditional_writes(self) -> None:
+        """Leases need a store that refuses a second create and a stale swap; one that
+        ignores the conditions would let two owners hold a lease, so it stops the sweep here."""
+        if self.uri.startswith(("gs://", "gcs://")):
+            raise ConfigError(f"storage_path {self.uri}: leases need conditional writes, which this project does on S3 and shared folders "
+                              "only; use s3:// (GCS answers S3 requests at storage.googleapis.com with HMAC keys) or a shared folder")
+        name = f".conditional-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            first = self.create(name, b"1")
+            second = self.create(name, b"2")
+            stale = self.swap(name, b"3", '"not-the-tag"') if first else None
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an S3 server that rejects the headers outright
+            raise ConfigError(f"storage_path {self.uri}: conditional writes failed ({str(exc).splitlines()[0]}); leases need a store that "
+                              "honours If-None-Match and If-Match (AWS S3, MinIO, SeaweedFS >= 3.97)") from None
+        finally:
+            self.delete(name)
+        if not first or second is not None or stale is not None:
+            raise ConfigError(f"storage_path {self.uri}: the store ignores conditional writes (a second create or a stale swap "
+                              "succeeded); leases would not be exclusive: use a store that honours If-None-Match and If-Match "
+                              "(AWS S3, MinIO, SeaweedFS >= 3.97) or a shared folder")
+
+    def _s3(self, rel: str):
+        """A boto3 S3 client for this storage, its bucket and the object key of ``rel``."""
+        if self._client is None:
+            import boto3  # only object-store storage needs it
+
+            parts = urllib.parse.urlsplit(self.uri)
+            query = dict(urllib.parse.parse_qsl(parts.query))
+            endpoint = (f"{query.get('scheme', 'https')}://{query['endpoint_override']}" if "endpoint_override" in query
+                        else os.environ.get("AWS_ENDPOINT_URL"))
+            user, _, secret = parts.username or "", None, parts.password
+            credentials = {"aws_access_key_id": urllib.parse.unquote(user), "aws_secret_access_key": urllib.parse.unquote(secret)} if secret else {}
+            self._client = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region") or os.environ.get("AWS_DEFAULT_REGION"),
+                                        **credentials)
+        parts = urllib.parse.urlsplit(self.uri)
+        return self._client, parts.hostname or parts.netloc.rsplit("@", 1)[-1], posixpath.join(parts.path.lstrip("/"), rel)
+
+    def _put_if(self, rel: str, data: bytes, **condition: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        client, bucket, key = self._s3(rel)
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except ClientError as exc:
+            # 412: the condition failed; 409: a concurrent conditional write won the race
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return None
+            raise
+
     def probe(self) -> None:
         """Write and remove a small object: a storage we cannot write stops the sweep now."""
         name = f".write-probe-{uuid.uuid4().hex[:8]}"
@@ -150,3 +263,6 @@ class Storage:
             raise ConfigError(f"storage_path {self.uri} is not writable ({str(exc).splitlines()[0]}); "
                               "set storage_path= to a folder or bucket you can write to (and the AWS_* variables)") from None
 
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -3,7 +3,7 @@ no Ray: the coordination of concurrent trainings lives in orchestrator/ray_backe
 
 A model's key is the sha256 of everything that determines its weights: the method name,
 the method config's *training* fields (``train_field``), the data it is trained on (the
-:class:`DataSpec` with an absolute root, and the categories) and the version of the code
+dataset's files by content, and the categories) and the version of the code
 that trains it — the method's module with what it imports from ``methods/``, the
 training loop, the preprocessing and the dataset's adapter (:func:`code_files`), so a new
 method or a new dataset adapter leaves every other model's key alone. A trial whose key
@@ -37,9 +37,11 @@ import torch
 
 from methods import METHODS
 from methods.base import MethodConfig, config_fingerprint, training_fields
+from orchestrator.config import default_cache_dir
 from orchestrator.data import DataSpec
 from orchestrator.data.registry import get_adapter
 from orchestrator.errors import ConfigError
+from orchestrator.files import write_file
 from orchestrator.storage import Storage
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -115,12 +117,31 @@ class ModelKey:
 
 @functools.lru_cache(maxsize=64)
 def dataset_manifest(root: str) -> str:
-    """sha256 of (relative path, size, modification time) of every file under ``root``:
-    a dataset whose files change gets new keys, without reading the images."""
+    """sha256 of (relative path, size, content digest) of every file under ``root``: the
+    data by content, not by where it is mounted, so clusters that mount one dataset at
+    different paths share its models, and a dataset whose files change gets new keys.
+    Each file is read once per (path, size, modification time): the digests are kept in
+    ``<DIFFAD_CACHE>/file-digests/``."""
+    cache_file = Path(default_cache_dir()) / "file-digests" / f"{hashlib.sha256(root.encode()).hexdigest()[:24]}.json"
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    fresh: dict[str, list] = {}
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        stat, rel = path.stat(), str(path.relative_to(root))
+        entry = known.get(rel)
+        if not entry or entry[0] != stat.st_size or entry[1] != stat.st_mtime_ns:
+            entry = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()]
+        fresh[rel] = entry
+        digest.update(f"{rel}\0{entry[0]}\0{entry[2]}\n".encode())
+    if fresh != known:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_file(cache_file, lambda handle: handle.write(json.dumps(fresh).encode()))
+        except OSError:
+            pass  # a read-only cache: the digests are computed again next time
     return digest.hexdigest()
 
 
@@ -140,14 +161,12 @@ def model_key(method: str, method_config: MethodConfig, data: DataSpec, categori
         "method": method,
         "training_config": training,
         "dataset": data.dataset,
-        "root": str(root),
-        "dataset_manifest": dataset_manifest(str(root)),
+        "dataset_manifest": dataset_manifest(str(root)),  # the files by content, not the path they are mounted at
         "categories": list(categories),
         "val_fraction": data.val_fraction,
         "seed": data.seed,
         "train_seed": data.seed if train_seed is None else train_seed,
         "foreground": data.foreground,
-        "textures": str(Path(data.textures).resolve()) if data.textures else None,
         "textures_manifest": dataset_manifest(str(Path(data.textures).resolve())) if data.textures else None,
         "workers": workers,
         "code_version": code_version(method, data.dataset),
@@ -169,6 +188,10 @@ def backbone_file_identity(name: str) -> str:
 
 
 SCHEMA = 2  # the store's layout; a store written by another schema is refused with a clear error
+
+
+class StaleLease(RuntimeError):
+    """A training whose lease was taken over tried to publish over its successor."""
 
 
 class ModelStore:
@@ -196,11 +219,22 @@ class ModelStore:
     def folder(self, key: ModelKey) -> str:
         return f"models/{key.key}"
 
-    def _current_version(self, key: ModelKey) -> str | None:
-        try:
-            version = self.storage.read_text(f"{self.folder(key)}/current").strip()
-        except FileNotFoundError:
+    def _pointer(self, key: ModelKey) -> tuple[str, int, str] | None:
+        """(version, fencing token, tag) of the ``current`` pointer, or None when unpublished."""
+        found = self.storage.read_tagged(f"{self.folder(key)}/current")
+        if found is None:
             return None
+        text, tag = found[0].decode().strip(), found[1]
+        if text.startswith("{"):
+            raw = json.loads(text)
+            return raw["version"], int(raw.get("token", 0)), tag
+        return text, 0, tag  # written before pointers carried a token
+
+    def _current_version(self, key: ModelKey) -> str | None:
+        pointer = self._pointer(key)
+        if pointer is None:
+            return None
+        version = pointer[0]
         return version if self.storage.is_file(f"{self.folder(key)}/versions/{version}/meta.json") else None
 
     def current(self, key: ModelKey) -> str | None:
@@ -211,18 +245,31 @@ class ModelStore:
     def exists(self, key: ModelKey) -> bool:
         return self._current_version(key) is not None
 
-    def save(self, key: ModelKey, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
-        """Publish a new version of ``key`` and make it current; returns its folder."""
+    def save(self, key: ModelKey, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], token: int = 0) -> str:
+        """Publish a new version of ``key`` and make it current; returns its folder.
+
+        ``token``: the fencing token of the model's lease under which it was trained. The
+        pointer moves only if it names no version of a higher token (compare-and-swap), so a
+        holder that lost its lease (paused past its expiry, say) cannot replace what its
+        successor published: :class:`StaleLease` then, and the new version stays unnamed
+        (``prune`` removes it)."""
         self.check_schema()
         version = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         folder = f"{self.folder(key)}/versions/{version}"
         weights = io.BytesIO()
         torch.save(state_dict, weights)
         self.storage.write_bytes(f"{folder}/model.pt", weights.getvalue())
-        self.storage.write_text(f"{folder}/meta.json", json.dumps({**meta, "key": key.key, "version": version, "inputs": key.inputs},
-                                                                  indent=2, default=str))
-        self.storage.write_text(f"{self.folder(key)}/current", version + "\n")
-        return self.storage.join(folder)
+        self.storage.write_text(f"{folder}/meta.json", json.dumps({**meta, "key": key.key, "version": version, "inputs": key.inputs,
+                                                                   "token": token}, indent=2, default=str))
+        pointer = json.dumps({"version": version, "token": token}).encode()
+        rel = f"{self.folder(key)}/current"
+        while True:
+            current = self._pointer(key)
+            if current is not None and current[1] > token:
+                raise StaleLease(f"model {key.short}: version {current[0]} of lease token {current[1]} is current; "
+                                 f"this training's token {token} is older (its lease was taken over), so {version} is not published")
+            if (self.storage.create(rel, pointer) if current is None else self.storage.swap(rel, pointer, current[2])) is not None:
+                return self.storage.join(folder)
 
     def meta(self, key: ModelKey) -> dict[str, Any]:
         """meta.json of the current version ({} when none)."""
@@ -248,8 +295,8 @@ class ModelStore:
         removed = []
         now = time.time()
         for key_folder in self.storage.list("models"):
-            pointer = f"{key_folder.path}/current"
-            current = self.storage.read_text(pointer).strip() if self.storage.is_file(pointer) else None
+            pointer = self._pointer(ModelKey(key_folder.path.rsplit("/", 1)[-1], {}))
+            current = pointer[0] if pointer else None
             for version in self.storage.list(f"{key_folder.path}/versions"):
                 files = self.storage.list(version.path, recursive=True)
                 if version.path.rsplit("/", 1)[-1] != current and now - max([f.mtime for f in files] + [0.0]) > min_age_s:

@@ -28,6 +28,7 @@ from typing import Any
 from orchestrator import search_space as spaces
 from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, redact_uri, settings_keys
 from orchestrator.errors import ConfigError, UserError
+from orchestrator.leases import Lease
 from orchestrator.storage import Storage
 from orchestrator.plan import SweepPlan, plan, sweep_prefix
 
@@ -103,8 +104,8 @@ def run(tokens: list[str]) -> dict[str, Any]:
 
     s = sweep.settings
     storage = Storage(s.storage_path)
-    # Ray first: leases on object storage live in the cluster's lease board, and a local
-    # folder must be one that every node of the cluster sees.
+    storage.check_conditional_writes()  # leases are conditional writes: a store that ignores them stops here
+    # A local folder must be one that every node of the cluster sees.
     ray_backend.connect()
     ray_backend.check_shared_storage(storage)
     prefix = sweep_prefix(sweep.space.name, s.dataset)
@@ -115,7 +116,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
 
     # The sweep's lease says its driver is alive (a second driver of the same sweep is
     # refused); runs of sweeps on this storage whose lease expired (SIGKILL) are closed.
-    lease = ray_backend.lease_for(storage, f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
+    lease = Lease(storage, f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
     if not lease.acquire():
         holder = lease.read()
         raise ConfigError(f"sweep {sweep_name} is running (driver {holder.host if holder else '?'} pid {holder.pid if holder else '?'}); "
@@ -142,24 +143,22 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     for note in resources.notes:
         log.info("%s", note)
     ray_backend.check_resources(resources, where, s.drivers, s.autoscaling)
-    # 3. the parent run (after closing the runs of dead sweeps on this storage)
+    # 3. the parent run (after closing the runs of dead sweeps on this storage). From here
+    # every MLflow write goes through the sweep's writer thread: an outage delays the runs,
+    # never the trials; what MLflow cannot take is spooled under storage_path and replayed.
     uri = tracking.resolve_uri(s.tracking_uri)
     for name in tracking.close_dead_sweeps(uri, sweep.space.name, storage.uri,
-                                           alive=lambda other: ray_backend.lease_for(storage, f"sweep-{other}", "").alive()):
+                                           alive=lambda other: Lease(storage, f"sweep-{other}", "").alive()):
         log.warning("sweep %s had died (its lease expired): its RUNNING runs are marked KILLED", name)
-    parent = tracking.SweepRun(uri, sweep.space.name)
-    parent.open(sweep_name, {**sweep_tags(sweep, tracking.git_commit()), "storage": storage.uri},
+    parent = tracking.SweepRun(uri, sweep.space.name, storage, sweep_name)
+    parent.open({**sweep_tags(sweep, tracking.git_commit()), "storage": storage.uri},
                 {**{k: redact_uri(v) for k, v in flatten({"settings": config_to_dict(s)}).items()}, "categories": ",".join(sweep.categories),
                  "skipped_points": "; ".join(sweep.skipped) or "none", "resolved.trial.gpus": resources.gpus,
                  "resolved.max_concurrent": resources.max_concurrent}, resume=resume)
     parent.log_artifact(sweep.space.source, "config")
-    # MLflow writes that failed (an outage) were kept here; an earlier run of this sweep may have left some.
-    spool = tracking.Spool(storage, f"mlflow-spool/{sweep_name}.jsonl")
-    replay_spool(spool, parent.client)
-    recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, {"ablation": sweep.space.name, "dataset": s.dataset},
+    recorder = tracking.TrialRecorder(parent, {"ablation": sweep.space.name, "dataset": s.dataset},
                                       tracking.dataset_description(s.dataset, s.data.root, splits, seed=s.seed,
-                                                                   val_fraction=s.data.val_fraction, foreground=s.data.foreground),
-                                      spool)
+                                                                   val_fraction=s.data.val_fraction, foreground=s.data.foreground))
 
     # 4. Tune, with the sweep's scheduler and its training pipeline
     context = ray_backend.TrialContext(plan=sweep, resources=resources, sweep_name=sweep_name, storage_path=storage.uri)
@@ -170,40 +169,45 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     # 5. what the sweep cost, and its schedule (also what bench.cluster_schedule reads)
     unit = "GPU" if resources.gpus else "CPU"
     spent = costs(outcome.records, unit)
-    for trial_id, run_id in parent.child_runs().items():
-        if trial_id in spent.per_trial:
-            recorder.log_numbers(run_id, {f"cost_{unit.lower()}_hours": spent.per_trial[trial_id], "cost_share": spent.share(trial_id)})
+    for trial_id, hours in spent.per_trial.items():
+        recorder.log_numbers(f"{sweep_name}/{trial_id}", {f"cost_{unit.lower()}_hours": hours, "cost_share": spent.share(trial_id)})
     trained = sum(r.kind == "train" and r.trial is None for r in outcome.records) + sum(o.models_trained for o in outcomes)
-    recorder.log_numbers(parent.run_id, {"models_trained": trained, f"cost_{unit.lower()}_hours": spent.total_hours,
-                                         f"cost_training_{unit.lower()}_hours": spent.training_hours,
-                                         f"cost_evaluation_{unit.lower()}_hours": spent.evaluation_hours,
-                                         "cost_wall_seconds": time.time() - started})
+    parent.log_numbers({"models_trained": trained, f"cost_{unit.lower()}_hours": spent.total_hours,
+                        f"cost_training_{unit.lower()}_hours": spent.training_hours,
+                        f"cost_evaluation_{unit.lower()}_hours": spent.evaluation_hours, "cost_wall_seconds": time.time() - started})
     schedule_file = f"artifacts/{sweep_name}/schedule.json"
     storage.write_text(schedule_file, json.dumps([dataclasses.asdict(r) for r in outcome.records]))
 
     # 6. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable
-    replay_spool(spool, parent.client)
-    states = parent.trial_states()
+    writer = parent.writer
+    reachable = writer.flush(timeout=600) and not writer.down
+    states = dict(recorder.states)
+    if reachable and any(o.trial_id not in states for o in outcomes):  # trials a resumed sweep finished before
+        states = {**parent.trial_states(), **states}
     failed = [o for o in outcomes if o.error or states.get(o.trial_id) == "failed"]
     unfinished = [o for o in outcomes if o not in failed and states.get(o.trial_id) not in ("finished", "stopped")]
     stopped = [o for o in outcomes if states.get(o.trial_id) == "stopped"]
     summary = {"sweep": sweep_name, "trials": len(outcomes), "failed": len(failed), "unfinished": len(unfinished),
-               "stopped_early": len(stopped), "tracking_uri": uri, "reports": [], "parent_run_id": parent.run_id,
-               "schedule": storage.join(schedule_file), "max_concurrent": resources.max_concurrent, "models_trained": trained}
+               "stopped_early": len(stopped), "tracking_uri": uri, "reports": [], "schedule": storage.join(schedule_file),
+               "max_concurrent": resources.max_concurrent, "models_trained": trained}
     if unfinished:
         parent.finish("KILLED")
         print(f"\nsweep {sweep_name} interrupted: {len(unfinished)} of {len(outcomes)} trials unfinished; "
               f"finish them with: python -m orchestrator.sweep {' '.join(t for t in tokens if not t.startswith('resume='))} resume=true")
-        return summary
+        return close_tracking(summary, writer, parent)
     parent.finish("FAILED" if failed else "FINISHED")
-    written = report.write_reports(sweep.space, uri, Path("reports")) + report.write_leaderboard(uri, Path("reports"))
-    for path in written:
-        parent.log_artifact(path, "report")
-    summary["reports"] = [str(p) for p in written]
     print(f"\nsweep {sweep_name}: {len(outcomes)} trials, {len(failed)} failed, {len(stopped)} stopped early by the scheduler; "
           f"{spent.total_hours:.3f} {unit}-hours")
     for o in failed:
         print(f"  failed trial {o.path}: {o.error}")
+    if not (writer.flush(timeout=600) and not writer.down):
+        print(f"MLflow at {redact_uri(uri)} is not answering: {writer.spooled - writer.replayed} writes wait in "
+              f"{storage.join(writer.spool_rel)}; `resume=true` replays them, then `python -m orchestrator.report` writes the report")
+        return close_tracking(summary, writer, parent)
+    written = report.write_reports(sweep.space, uri, Path("reports")) + report.write_leaderboard(uri, Path("reports"))
+    for path in written:
+        parent.log_artifact(path, "report")
+    summary["reports"] = [str(p) for p in written]
     if written:
         print(f"report: {written[0]}")
     for line in report.agreement_lines(sweep.space, uri, sweep_name):
@@ -211,16 +215,20 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     site = Path("reports") / "site" / "index.html"
     if site.exists():
         print(f"report site: {site.resolve()}")
+    close_tracking(summary, writer, parent)
     print(tracking.review_hint(uri, parent.experiment, parent.run_id))
     return summary
 
 
-def replay_spool(spool, mlflow_client) -> None:
-    replayed, kept = spool.replay(mlflow_client)
-    if replayed:
-        log.info("replayed %d MLflow writes kept during an outage", replayed)
-    if kept:
-        log.warning("%d MLflow writes still fail; they stay in %s and `resume=true` replays them", kept, spool.path)
+def close_tracking(summary: dict[str, Any], writer, parent) -> dict[str, Any]:
+    """Wait for the sweep's MLflow writes (written, or kept in the spool) and say what an
+    outage cost: writes spooled, replayed, refused."""
+    writer.flush(timeout=600)
+    summary.update(parent_run_id=parent.run_id, mlflow_spooled=writer.spooled, mlflow_replayed=writer.replayed,
+                   mlflow_refused=writer.dead)
+    if writer.spooled:
+        log.info("MLflow writes during the sweep: %d spooled, %d replayed", writer.spooled, writer.replayed)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,15 +34,19 @@ import logging
 import math
 import os
 import platform
+import queue
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
 import pandas as pd
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -168,72 +172,251 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-# ------------------------------------------------------------------------ resilient writes
+# ------------------------------------------------------------------------ the writer
 
 
-class Spool:
-    """MLflow writes that still fail after retries, kept as JSON lines in ``rel`` under the
-    sweep's storage (a folder or an object store) and replayed later — at the end of the
-    sweep and when ``resume=true`` restarts it — so an MLflow outage neither fails a sweep
-    nor loses a metric. Only the driver writes it. Retries with backoff come on top of
-    MLflow's own HTTP retries."""
+class PermanentError(Exception):
+    """MLflow refused a write for good (a 4xx answer): retrying cannot help."""
+
+
+def is_permanent(exc: Exception) -> bool:
+    """A write MLflow answered with a client error (4xx, not 408/429): retrying cannot help.
+    Connection failures and server errors (5xx) are worth retrying."""
+    if isinstance(exc, PermanentError):
+        return True
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return 400 <= status < 500 and status not in (408, 429)
+    return False
+
+
+CLIENT_KEY = "diffad.client_key"  # MLflow has no idempotency key for create_run: our own, as a tag
+
+
+class Writer:
+    """Every MLflow write of one driver, on one background thread: callers enqueue and
+    return at once (Tune's callback never waits for MLflow), and runs are addressed by a
+    *key* of ours, resolved to MLflow's run id when the run is created.
+
+    Each write is tried with backoff (``BACKOFF_S``, on top of MLflow's own HTTP retries).
+    One that still fails means MLflow is out: it and every later write go, in order, to
+    the spool under ``storage_path`` (artifacts copied into the spool first), and the
+    thread probes MLflow every ``probe_s`` seconds; once it answers, the spool is replayed
+    and writing resumes. ``resume=true`` replays what an earlier driver left. A write
+    MLflow refuses for good (a 4xx) is logged once and moved to a dead-letter file with
+    its reason. Run creation is made safe for retries by a client key in a tag: before
+    creating, the writer looks for a run with the key; after, it keeps the oldest of any
+    duplicates (a retried POST whose first answer was lost creates two) and deletes the rest.
+    """
 
     BACKOFF_S = (1.0, 2.0, 4.0)
 
-    def __init__(self, storage: Storage, rel: str):
-        self.storage, self.rel = storage, rel
+    def __init__(self, uri: str, storage: Storage, sweep: str, experiment: str, probe_s: float = 10.0):
+        self.uri, self.storage, self.sweep, self.experiment, self.probe_s = uri, storage, sweep, experiment, probe_s
+        self.spool_rel, self.dead_rel = f"mlflow-spool/{sweep}.jsonl", f"mlflow-spool/{sweep}.dead.jsonl"
+        self.files_rel = f"mlflow-spool/{sweep}-files"
+        self.client = client(uri)
+        self.run_ids: dict[str, str] = {}
+        self.spooled = self.replayed = self.dead = 0
+        self.down = False
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._busy = 0  # writes taken off the queue and not yet written, spooled or dead
+        self._lock = threading.Condition()
+        self._next_probe = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-writer-{sweep}", daemon=True)
+        self._thread.start()
 
-    @property
-    def path(self) -> str:
-        return self.storage.join(self.rel)
+    # ---- the callers' side
+    def submit(self, op: str, key: str, **args: Any) -> None:
+        with self._lock:
+            self._busy += 1
+        self._queue.put({"op": op, "key": key, "args": args})
 
-    def entries(self) -> list[dict[str, Any]]:
-        if not self.storage.exists(self.rel):
-            return []
-        return [json.loads(line) for line in self.storage.read_text(self.rel).splitlines() if line.strip()]
+    def run_id(self, key: str) -> str | None:
+        return self.run_ids.get(key)
 
-    def _keep(self, entries: list[dict[str, Any]]) -> None:
-        if entries:
-            self.storage.write_text(self.rel, "".join(json.dumps(e) + "\n" for e in entries))
-        else:
-            self.storage.delete(self.rel)
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted write is written (or spooled, or dead); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._lock.wait(remaining if remaining is not None else 1.0)
+        return True
 
-    def write(self, mlflow_client: MlflowClient, op: str, **args: Any) -> bool:
-        """Apply one write (``op`` names a client method); True when it reached MLflow."""
+    def close(self, timeout: float | None = None) -> bool:
+        done = self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+        return done
+
+    # ---- the thread
+    def _run(self) -> None:
+        self._replay()  # what an earlier driver of this sweep left
+        while True:
+            try:
+                entry = self._queue.get(timeout=self.probe_s if self.down else 1.0)
+            except queue.Empty:
+                entry = False
+            if entry is None:
+                return
+            if self.down and time.monotonic() >= self._next_probe:
+                self._replay()
+            if entry is False:
+                continue
+            if self.down:
+                self._spool([entry])
+            else:
+                self._write(entry)
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()
+
+    def _write(self, entry: dict[str, Any]) -> None:
         for wait in (*self.BACKOFF_S, None):
             try:
-                _apply(mlflow_client, op, args)
-                return True
+                self._apply(entry)
+                return
             except Exception as exc:  # noqa: BLE001 - any failure of the store: retry, then spool
+                if is_permanent(exc):
+                    self._dead_letter(entry, exc)
+                    return
                 if wait is None:
-                    log.warning("MLflow write %s failed (%s); kept in %s for replay", op, str(exc).splitlines()[0][:200], self.path)
-                    self._keep([*self.entries(), {"op": op, "args": args}])
-                    return False
+                    log.warning("MLflow is not answering (%s); writes go to %s until it is back",
+                                str(exc).splitlines()[0][:200], self.storage.join(self.spool_rel))
+                    self.down, self._next_probe = True, time.monotonic() + self.probe_s
+                    self._spool([entry])
+                    return
                 time.sleep(wait)
-        return False
 
-    def replay(self, mlflow_client: MlflowClient) -> tuple[int, int]:
-        """Apply the kept writes in order; returns (replayed, still kept)."""
-        entries = self.entries()
-        if not entries:
-            return 0, 0
-        kept = []
+    def _spool(self, entries: list[dict[str, Any]]) -> None:
+        """Append to the spool, copying artifacts into it (a driver's temporary files do not
+        outlive it; the spool is replayed by whichever driver resumes the sweep)."""
+        for entry in entries:
+            if entry["op"] == "artifact" and not entry["args"].get("spooled"):
+                local = local_copy(entry["args"]["source"])
+                if local is None:
+                    continue
+                folder = f"{self.files_rel}/{uuid.uuid4().hex[:12]}"  # a folder of its own: the artifact keeps its name
+                self.storage.upload(local, f"{folder}/{local.name}")
+                entry = {**entry, "args": {**entry["args"], "source": self.storage.join(folder, local.name), "spooled": folder}}
+            self._append(self.spool_rel, entry)
+            self.spooled += 1
+
+    def _append(self, rel: str, entry: dict[str, Any]) -> None:
+        existing = self.storage.read_text(rel) if self.storage.exists(rel) else ""
+        self.storage.write_text(rel, existing + json.dumps(entry) + "\n")
+
+    def _replay(self) -> None:
+        """Write the spool's entries in order; stop at the first that still fails."""
+        self._next_probe = time.monotonic() + self.probe_s
+        if not self.storage.exists(self.spool_rel):
+            self.down = False
+            return
+        entries = [json.loads(line) for line in self.storage.read_text(self.spool_rel).splitlines() if line.strip()]
+        done = 0
         for entry in entries:
             try:
-                _apply(mlflow_client, entry["op"], entry["args"])
-            except Exception:  # noqa: BLE001 - still unreachable: keep it for the next replay
-                kept.append(entry)
-        self._keep(kept)
-        return len(entries) - len(kept), len(kept)
+                self._apply(entry)
+            except Exception as exc:  # noqa: BLE001
+                if is_permanent(exc):
+                    self._dead_letter(entry, exc)
+                else:
+                    self.down = True
+                    break
+            else:
+                self.replayed += 1
+                if entry["args"].get("spooled"):
+                    self.storage.delete(entry["args"]["spooled"])
+            done += 1
+        rest = entries[done:]
+        if rest:
+            self.storage.write_text(self.spool_rel, "".join(json.dumps(e) + "\n" for e in rest))
+        else:
+            self.storage.delete(self.spool_rel)
+            self.down = False
+            if done:
+                log.info("MLflow answers again: %d spooled writes replayed", done)
+
+    def _dead_letter(self, entry: dict[str, Any], exc: Exception) -> None:
+        reason = str(exc).splitlines()[0][:500]
+        log.error("MLflow refused %s for %s (%s); kept in %s, not retried", entry["op"], entry["key"], reason,
+                  self.storage.join(self.dead_rel))
+        self._append(self.dead_rel, {**entry, "reason": reason})
+        self.dead += 1
+
+    # ---- one write
+    def _apply(self, entry: dict[str, Any]) -> None:
+        op, key, args = entry["op"], entry["key"], entry["args"]
+        if op == "create":
+            self.run_ids[key] = self._create(key, **args)
+            return
+        run_id = self._resolve(key)
+        if op == "params":
+            log_params(self.client, run_id, args["params"])
+        elif op == "inputs":
+            self.client.log_inputs(run_id, datasets=[dataset_input(args["description"], args["categories"])])
+        elif op == "metrics":
+            for start in range(0, len(args["metrics"]), 1000):
+                self.client.log_batch(run_id, metrics=[Metric(*m) for m in args["metrics"][start : start + 1000]])
+        elif op == "tag":
+            self.client.set_tag(run_id, args["name"], args["value"])
+        elif op == "artifact":
+            local = local_copy(args["source"])
+            if local is not None:  # a sample map whose trial folder is gone: nothing to upload
+                self.client.log_artifact(run_id, str(local), artifact_path=args["folder"])
+        elif op == "terminate":
+            self.client.set_terminated(run_id, status=args["status"])
+        else:
+            raise PermanentError(f"unknown MLflow write {op!r}")
+
+    def _find(self, key: str, experiment: str) -> list:
+        quoted = key.replace("'", "\\'")
+        return sorted(self.client.search_runs([experiment], filter_string=f"tags.`{CLIENT_KEY}` = '{quoted}'", max_results=100),
+                      key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def _create(self, key: str, experiment: str, name: str, tags: dict[str, str], parent: str | None = None,
+                legacy_filter: str | None = None, reopen: bool = False) -> str:
+        found = self._find(key, experiment)
+        if not found and legacy_filter:  # a run recorded before runs carried a client key
+            found = self.client.search_runs([experiment], filter_string=legacy_filter, max_results=1)
+        if found:
+            if reopen:
+                self.client.update_run(found[0].info.run_id, status="RUNNING")
+        else:
+            extra = {PARENT_TAG: self._resolve(parent)} if parent else {}
+            self.client.create_run(experiment, run_name=name, tags={**tags, **extra, CLIENT_KEY: key})
+            found = self._find(key, experiment)
+        for duplicate in found[1:]:  # a retried POST whose first answer was lost made another
+            self.client.delete_run(duplicate.info.run_id)
+        return found[0].info.run_id
+
+    def _resolve(self, key: str) -> str:
+        """The run of ``key``: created by this writer, or found by its client key (a run an
+        earlier driver of the sweep created, when this one replays or resumes)."""
+        if key not in self.run_ids:
+            found = self._find(key, self.experiment)
+            if not found:
+                raise PermanentError(f"no MLflow run for {key}: its creation was refused")
+            self.run_ids[key] = found[0].info.run_id
+        return self.run_ids[key]
 
 
-def _apply(mlflow_client: MlflowClient, op: str, args: dict[str, Any]) -> None:
-    if op == "log_batch":  # metrics travel as [key, value, timestamp, step]
-        mlflow_client.log_batch(args["run_id"], metrics=[Metric(*m) for m in args["metrics"]])
-    elif op in ("set_tag", "log_artifact", "set_terminated"):
-        getattr(mlflow_client, op)(**args)
-    else:
-        raise ValueError(f"unknown MLflow write {op!r}")
+_WRITERS: dict[tuple[str, str, str], Writer] = {}
+
+
+def writer_for(uri: str, storage: Storage, sweep: str, experiment: str) -> Writer:
+    """This driver's writer for a sweep (one thread; a recorder Tune restores from its
+    saved state finds the same one)."""
+    ident = (uri, storage.uri, sweep)
+    if ident not in _WRITERS:
+        _WRITERS[ident] = Writer(uri, storage, sweep, experiment)
+    return _WRITERS[ident]
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
@@ -264,46 +447,51 @@ def artifact_root(uri: str) -> str | None:
 
 
 class SweepRun:
-    """The sweep's parent run."""
+    """The sweep's parent run, written through the sweep's :class:`Writer` (its key is the
+    sweep's name). The experiment is created or found at once: the tracking target was
+    checked before the sweep started."""
 
-    def __init__(self, uri: str, experiment_name: str):
-        self.uri = uri
+    def __init__(self, uri: str, experiment_name: str, storage: Storage, sweep_name: str):
+        self.uri, self.key = uri, sweep_name
         self.client = client(uri)
         self.experiment = experiment_id(self.client, experiment_name, artifact_root(uri))
-        self.run_id = ""
+        self.writer = writer_for(uri, storage, sweep_name, self.experiment)
 
-    def open(self, sweep_name: str, tags: dict[str, str], params: dict[str, Any], resume: bool) -> str:
+    @property
+    def run_id(self) -> str:
+        """MLflow's id of the run (once written: after :meth:`Writer.flush`)."""
+        return self.writer.run_id(self.key) or ""
+
+    def open(self, tags: dict[str, str], params: dict[str, Any], resume: bool) -> None:
         """Create the parent run; ``resume`` reopens the run of the same sweep."""
-        if resume:
-            runs = self.client.search_runs([self.experiment], filter_string=f"tags.sweep = '{sweep_name}'", max_results=1)
-            if runs:
-                self.run_id = runs[0].info.run_id
-                self.client.update_run(self.run_id, status="RUNNING")
-                return self.run_id
-        run = self.client.create_run(self.experiment, run_name=sweep_name,
-                                     tags={"sweep": sweep_name, "kind": "sweep", **system_tags(), **tags})
-        self.run_id = run.info.run_id
-        log_params(self.client, self.run_id, params)
-        return self.run_id
+        self.writer.submit("create", self.key, experiment=self.experiment, name=self.key, reopen=resume,
+                           tags={"sweep": self.key, "kind": "sweep", **system_tags(), **tags},
+                           legacy_filter=f"tags.sweep = '{self.key}' and tags.kind = 'sweep'")
+        self.writer.submit("params", self.key, params=params)
 
     def log_artifact(self, path: str | Path, folder: str) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+        self.writer.submit("artifact", self.key, source=str(path), folder=folder)
+
+    def log_numbers(self, numbers: dict[str, float]) -> None:
+        stamp = int(time.time() * 1000)
+        self.writer.submit("metrics", self.key, metrics=[[k, float(v), stamp, 0] for k, v in numbers.items()])
 
     def finish(self, status: str) -> None:
         """FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(self.run_id, status=status)
+        self.writer.submit("terminate", self.key, status=status)
+
+    def _children(self) -> list:
+        return self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'", max_results=50000)
 
     def child_runs(self) -> dict[str, str]:
-        """trial_id -> run_id of every child run of this sweep."""
-        runs = self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'", max_results=50000)
-        return {run.data.tags.get("trial_id", run.info.run_id): run.info.run_id for run in runs}
+        """trial_id -> run_id of every child run of this sweep (read from MLflow)."""
+        return {run.data.tags.get("trial_id", run.info.run_id): run.info.run_id for run in self._children()}
 
     def trial_states(self) -> dict[str, str]:
         """trial_id -> finished | stopped (early, by the scheduler) | failed | unfinished,
-        for every child run of this sweep."""
-        runs = self.client.search_runs([self.experiment], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'", max_results=50000)
+        for every child run of this sweep (read from MLflow)."""
         states = {}
-        for run in runs:
+        for run in self._children():
             status, tags = run.info.status, run.data.tags
             states[tags.get("trial_id", run.info.run_id)] = (
                 "failed" if status == "FAILED" else "unfinished" if status != "FINISHED"
@@ -333,109 +521,80 @@ def close_dead_sweeps(uri: str, experiment_name: str, storage: str, alive: Calla
 
 
 class TrialRecorder:
-    """One child run per trial under the sweep's run (driver side; picklable, because
-    Tune saves its callbacks with the experiment state for ``resume=true``).
+    """One child run per trial under the sweep's run, written through the sweep's
+    :class:`Writer` (driver side; picklable, because Tune saves its callbacks with the
+    experiment state for ``resume=true``: a restored recorder finds this driver's writer).
 
     A trial reports its params first (its config as the trial resolved it, flattened):
     they are logged then, with the run's dataset input (``dataset``, see
-    :func:`dataset_description`; without it, built from the params and the parent's
-    settings). Progress (validation and losses during a training in the trial) is logged
-    with its epoch as the step; the final :class:`TrialResult` adds test metrics, timings,
-    the sample-map PNGs and the loss curve of each model the pipeline trained for it.
+    :func:`dataset_description`). Progress (validation and losses during a training in the
+    trial) is logged with its epoch as the step; the final :class:`TrialResult` adds test
+    metrics, timings, the sample-map PNGs and the loss curve of each model the pipeline
+    trained for it. A run's key is ``<sweep>/<trial id>``.
     """
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str, tags: dict[str, str], dataset: dict[str, Any] | None = None,
-                 spool: Spool | None = None):
-        self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
-        self.tags = tags
-        self.dataset = dataset
-        self.spool = spool
-        self.runs: dict[str, str] = {}  # trial_id -> run_id
-        self.client = client(uri)
+    def __init__(self, parent: SweepRun, tags: dict[str, str], dataset: dict[str, Any]):
+        self.uri, self.storage, self.sweep, self.experiment = parent.uri, parent.writer.storage, parent.key, parent.experiment
+        self.tags, self.dataset = tags, dataset
+        self.states: dict[str, str] = {}  # trial id -> finished | stopped | failed, as Tune reported them in this driver
+        self._opened: set[str] = set()
 
-    # The client holds a database connection: rebuilt from the URI instead of pickled.
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "client"}
+        return {k: v for k, v in self.__dict__.items() if k != "_opened"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.client = client(self.uri)
+        self._opened = set()  # a restored recorder reopens its trials' runs (found by their keys)
+
+    @property
+    def writer(self) -> Writer:
+        return writer_for(self.uri, self.storage, self.sweep, self.experiment)
 
     def run_for(self, trial_id: str, name: str) -> str:
-        if trial_id in self.runs:
-            return self.runs[trial_id]
-        existing = self.client.search_runs(
-            [self.experiment], filter_string=f"tags.trial_id = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent}'", max_results=1)
-        if existing:  # a resumed sweep: keep writing into the trial's run
-            run_id = existing[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run = self.client.create_run(self.experiment, run_name=name,
-                                         tags={PARENT_TAG: self.parent, "trial_id": trial_id, "kind": "trial", **system_tags(), **self.tags})
-            run_id = run.info.run_id
-        self.runs[trial_id] = run_id
-        return run_id
+        """The key of the trial's run; the run is created (or, resumed, reopened) once."""
+        key = f"{self.sweep}/{trial_id}"
+        if key not in self._opened:
+            self._opened.add(key)
+            self.writer.submit("create", key, experiment=self.experiment, name=name, parent=self.sweep, reopen=True,
+                               tags={"trial_id": trial_id, "kind": "trial", **system_tags(), **self.tags})
+        return key
 
-    def _log_dataset(self, run_id: str, params: dict[str, Any]) -> None:
-        """The run's dataset as an MLflow input (best effort: never fails a trial)."""
-        try:
-            description = getattr(self, "dataset", None) or self._dataset_from_parent(params)
-            categories = [c for c in str(params.get("categories", "")).split(",") if c]
-            self.client.log_inputs(run_id, datasets=[dataset_input(description, categories)])
-        except Exception as exc:
-            log.warning("could not log the dataset input of run %s: %s", run_id, exc)
-
-    def _dataset_from_parent(self, params: dict[str, Any]) -> dict[str, Any]:
-        settings = self.client.get_run(self.parent).data.params
-        root = settings.get("settings.data.root")
-        return dataset_description(str(params.get("dataset", settings.get("settings.dataset", "unknown"))),
-                                   None if root in (None, "None") else root, {},
-                                   seed=settings.get("settings.seed"), val_fraction=settings.get("settings.data.val_fraction"),
-                                   foreground=settings.get("settings.data.foreground"))
-
-    def log(self, run_id: str, reported: dict[str, Any], step: int) -> None:
+    def log(self, key: str, reported: dict[str, Any], step: int) -> None:
         """A Tune result: the trial's params, progress numbers, or a finished trial's whole :class:`TrialResult`."""
         if "params" in reported:
             params = json.loads(reported["params"])
-            log_params(self.client, run_id, params)
-            self._log_dataset(run_id, params)
+            self.writer.submit("params", key, params=params)
+            self.writer.submit("inputs", key, description=self.dataset, categories=[c for c in str(params.get("categories", "")).split(",") if c])
         stamp = int(time.time() * 1000)
         step = int(reported.get("epoch", step))
         numbers = {k: float(v) for k, v in reported.items()
                    if is_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if numbers:
-            self._write("log_batch", run_id=run_id, metrics=[[k, v, stamp, step] for k, v in numbers.items()])
+            self.writer.submit("metrics", key, metrics=[[k, v, stamp, step] for k, v in numbers.items()])
         if "result" in reported:
             result = TrialResult.from_json(reported["result"])
-            self._write("set_tag", run_id=run_id, key="model_keys", value=",".join(result.model_keys))
+            self.writer.submit("tag", key, name="model_keys", value=",".join(result.model_keys))
             curves = [(m, "/" + "+".join(c.category for c in m.categories) if len(result.models) > 1 else "") for m in result.models]
             points = [[f"train_{name}{suffix}", float(value), stamp, int(epoch["epoch"])]
                       for model, suffix in curves for epoch in model.losses for name, value in epoch.items() if name != "epoch"]
-            for start in range(0, len(points), 1000):
-                self._write("log_batch", run_id=run_id, metrics=points[start : start + 1000])
+            if points:
+                self.writer.submit("metrics", key, metrics=points)
             for path in result.sample_maps:
-                local = local_copy(path)
-                if local is not None:
-                    self._write("log_artifact", run_id=run_id, local_path=str(local), artifact_path="anomaly_maps")
+                self.writer.submit("artifact", key, source=path, folder="anomaly_maps")
 
-    def log_numbers(self, run_id: str, numbers: dict[str, float]) -> None:
+    def log_numbers(self, key: str, numbers: dict[str, float]) -> None:
         """Numbers known only at the sweep's end (costs and shares)."""
         stamp = int(time.time() * 1000)
-        self._write("log_batch", run_id=run_id, metrics=[[k, float(v), stamp, 0] for k, v in numbers.items()])
+        self.writer.submit("metrics", key, metrics=[[k, float(v), stamp, 0] for k, v in numbers.items()])
 
-    def finish(self, run_id: str, ok: bool, error: str = "", stopped_early: bool = False) -> None:
+    def finish(self, key: str, ok: bool, error: str = "", stopped_early: bool = False) -> None:
+        trial_id = key.rsplit("/", 1)[-1]
+        self.states[trial_id] = "failed" if not ok else "stopped" if stopped_early else "finished"
         if error:
-            self._write("set_tag", run_id=run_id, key="error", value=error[:4000])
+            self.writer.submit("tag", key, name="error", value=error[:4000])
         if stopped_early:
-            self._write("set_tag", run_id=run_id, key="stopped_early", value="true")
-        self._write("set_terminated", run_id=run_id, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
-
-    def _write(self, op: str, **args: Any) -> None:
-        """Through the spool when there is one (retried, kept on failure), else directly."""
-        if self.spool is not None:
-            self.spool.write(self.client, op, **args)
-        else:
-            _apply(self.client, op, args)
+            self.writer.submit("tag", key, name="stopped_early", value="true")
+        self.writer.submit("terminate", key, status=RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 
 
 def local_copy(path: str) -> Path | None:

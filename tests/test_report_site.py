@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import tempfile
 import time
 from html.parser import HTMLParser
 
@@ -26,6 +27,7 @@ from orchestrator.config import Settings, config_to_dict, flatten, resolve_metho
 from orchestrator.errors import ConfigError
 from orchestrator.metrics import Metrics
 from orchestrator.results import CategoryEvaluation, ModelEvaluation, TrialResult, tune_report
+from orchestrator.storage import Storage
 
 _serial = itertools.count()
 
@@ -43,6 +45,9 @@ def sample_png(tmp_path):
     return str(path)
 
 
+SPOOL = tempfile.mkdtemp(prefix="report-site-spool-")  # the writers' storage (nothing is spooled: the store is local)
+
+
 def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]], *, dataset: str = "synthetic",
                scale: str = "smoke", categories: tuple[str, ...] = ("washer",), overrides: str = "none", seed: int = 0,
                maps: list[str] = (), split_sizes: dict | None = None, status: str = "FINISHED") -> str:
@@ -52,9 +57,9 @@ def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]]
     space = spaces.load(ablation)
     name = f"{ablation}-{dataset}-{next(_serial):04d}"
     settings = Settings(ablation=ablation, method=space.method, dataset=dataset, scale=scale, categories=list(categories), seed=seed)
-    parent = tracking.SweepRun(uri, ablation)
-    parent.open(name, {"ablation": ablation, "dataset": dataset, "scale": scale, "method": space.method, "git_commit": "0123456789abcdef-dirty",
-                       "search": space.search, "selection_metric": space.metric, "method_overrides": overrides},
+    parent = tracking.SweepRun(uri, ablation, Storage(SPOOL), name)
+    parent.open({"ablation": ablation, "dataset": dataset, "scale": scale, "method": space.method, "git_commit": "0123456789abcdef-dirty",
+                 "search": space.search, "selection_metric": space.metric, "method_overrides": overrides},
                 {**flatten({"settings": config_to_dict(settings)}), "categories": ",".join(categories), "skipped_points": "none"}, resume=False)
 
     def trial_params(config):
@@ -65,8 +70,8 @@ def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]]
             params["condition"] = config["point"]
         return params
 
-    description = tracking.dataset_description(dataset, None, split_sizes, seed=seed) if split_sizes else None
-    recorder = tracking.TrialRecorder(uri, parent.experiment, parent.run_id, {"ablation": ablation, "dataset": dataset}, dataset=description)
+    description = tracking.dataset_description(dataset, None, split_sizes or {}, seed=seed)
+    recorder = tracking.TrialRecorder(parent, {"ablation": ablation, "dataset": dataset}, description)
     for label, per_category in rows.items():
         method = label if space.is_benchmark else space.method
         for category, det, config in _trials(label, per_category, method):
@@ -82,6 +87,7 @@ def fake_sweep(uri: str, ablation: str, rows: dict[str, dict[str, float | None]]
             recorder.log(run_id, tune_report(result), step=1)
             recorder.finish(run_id, ok=True)
     parent.finish(status)
+    assert parent.writer.flush(timeout=60) and parent.writer.spooled == 0
     time.sleep(0.02)  # distinct start times
     return name
 
@@ -343,7 +349,7 @@ def test_ui_links_open_the_training_runs_view():
 
 def test_runs_carry_system_tags_and_their_dataset_as_an_input(uri):
     fake_sweep(uri, FINAL_MASK, {FM_ROWS[0]: {"washer": 0.8}}, split_sizes={"washer": {"train": 80, "val": 40, "test": 60}})
-    fake_sweep(uri, FINAL_MASK, {FM_ROWS[0]: {"washer": 0.8}})  # no description from the sweep: sizes not recorded
+    fake_sweep(uri, FINAL_MASK, {FM_ROWS[0]: {"washer": 0.8}})  # no split sizes from the sweep: not recorded
     client = tracking.client(uri)
     runs = tracking.search_runs(uri, FINAL_MASK)
     for _, run in runs.iterrows():
@@ -357,7 +363,7 @@ def test_runs_carry_system_tags_and_their_dataset_as_an_input(uri):
         assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "train/val/test")]
         profiles.append(json.loads(dataset_input.dataset.profile))
     assert profiles[0]["splits"] == {"washer": {"train": 80, "val": 40, "test": 60}} and profiles[0]["categories"] == ["washer"]
-    assert profiles[1]["splits"] == "not recorded" and profiles[1]["seed"] == "0"
+    assert profiles[1]["splits"] == "not recorded" and profiles[1]["seed"] == 0
 
 
 # ------------------------------------------------------------------------------ benchmark spaces

@@ -19,13 +19,16 @@ def _record_run(services, tmp_path, experiment: str, artifact_location: str | No
     """A parent run like a sweep's, through orchestrator.tracking: params, a metric, one artifact file."""
     if artifact_location is not None:  # what a setting will pass: the experiment created with a location
         tracking.experiment_id(tracking.client(services.tracking_uri), experiment, artifact_location=artifact_location)
-    sweep = tracking.SweepRun(services.tracking_uri, experiment)
-    run_id = sweep.open("services-sweep", tags={"storage": "s3"}, params={"method": "transfusion", "steps": 5}, resume=False)
+    sweep = tracking.SweepRun(services.tracking_uri, experiment, Storage(tmp_path / "storage"), f"services-sweep-{uuid.uuid4().hex[:6]}")
+    sweep.open(tags={"storage": "s3"}, params={"method": "transfusion", "steps": 5}, resume=False)
+    sweep.writer.flush()
+    run_id = sweep.run_id
     sweep.client.log_metric(run_id, "val_image_auroc", 0.75, step=1)
     report = tmp_path / "report.md"
     report.write_text("# report\n")
     sweep.log_artifact(report, "reports")
     sweep.finish("FINISHED")
+    assert sweep.writer.flush(timeout=120) and sweep.writer.spooled == 0
     return sweep, run_id
 
 
@@ -163,13 +166,17 @@ def test_model_store_spool_and_sample_maps_on_the_bucket(services, tmp_path, mon
     assert prune(storage.uri, min_age_s=0) == [first] and store.exists(key)
     assert not [k for k in _keys(services, f"{prefix}/models/") if first.split(f"{prefix}/", 1)[1] in k]
 
-    spool = tracking.Spool(storage, "mlflow-spool/sweep.jsonl")
-    down = tracking.client("http://127.0.0.1:9")
-    monkeypatch.setattr(tracking.Spool, "BACKOFF_S", (0.0,))
+    # the MLflow spool on the bucket: an unreachable server's writes, with the artifact copied in
+    monkeypatch.setattr(tracking.Writer, "BACKOFF_S", (0.0,))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own HTTP retries would take minutes
-    assert not spool.write(down, "set_tag", run_id="r", key="k", value="v")
-    assert f"{prefix}/mlflow-spool/sweep.jsonl" in _keys(services, f"{prefix}/")
-    assert len(spool.entries()) == 1
+    writer = tracking.Writer("http://127.0.0.1:9", storage, "sweep", experiment="0")  # nothing listens there
+    (tmp_path / "map.png").write_bytes(b"png")
+    writer.submit("artifact", "sweep", source=str(tmp_path / "map.png"), folder="anomaly_maps")
+    writer.submit("tag", "sweep", name="k", value="v")
+    assert writer.flush(timeout=120) and writer.down and writer.spooled == 2
+    kept = _keys(services, f"{prefix}/mlflow-spool/")
+    assert f"{prefix}/mlflow-spool/sweep.jsonl" in kept and any(k.endswith("/map.png") for k in kept), kept
+    writer.close()
 
     images = np.zeros((2, 3, 8, 8), np.uint8)
     paths = save_sample_maps(storage.join("artifacts", "sweep", "t1"), "washer", images, np.random.rand(2, 8, 8),

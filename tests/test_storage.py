@@ -1,13 +1,9 @@
-"""storage_path as a local folder (object stores: tests/test_services.py and
-tests/test_cluster.py, against a real S3 server), and the lease board that holds the
-leases of an object-store storage_path."""
-
-import time
+"""storage_path as a local folder and its conditional writes (object stores:
+tests/test_services.py and tests/test_cluster.py, against a real S3 server)."""
 
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.leases import Lease
 from orchestrator.plan import check_storage
 from orchestrator.storage import Storage, is_remote
 from orchestrator.tracking import local_copy
@@ -43,32 +39,18 @@ def test_uris_and_their_checks(tmp_path):
     assert local_copy(str(tmp_path / "map.png")) == tmp_path / "map.png"
 
 
-def test_lease_board_leases_follow_the_file_rules(ray_shutdown):
-    """On an object store the leases live in the cluster's lease-board actor: one owner at
-    a time, renewal, release, and an expired lease taken over (compare-and-swap)."""
-    from orchestrator.ray_backend import lease_for, start_local_ray
-
-    start_local_ray(num_cpus=1)
-    storage = Storage("s3://bucket/ray")  # never opened: the board keys leases by their path
-    with pytest.raises(ValueError, match="lease board"):
-        Lease(storage.join("leases"), "model-x", "a")
-    a, b = lease_for(storage, "model-x", "a"), lease_for(storage, "model-x", "b")
-    assert a.acquire() and not b.acquire() and a.acquire() and b.read().owner == "a"
-    a.release()
-    assert b.acquire() and b.read().owner == "b" and b.alive()
-    b.release()
-    stale = lease_for(storage, "model-y", "gone", seconds=0.2)
-    assert stale.acquire()
-    time.sleep(0.4)
-    taker = lease_for(storage, "model-y", "me")
-    assert taker.acquire() and taker.read().owner == "me"
-    held = lease_for(storage, "model-z", "holder", seconds=0.6)
-    assert held.acquire()
-    held.hold()
-    time.sleep(1.5)  # the heartbeat renews it
-    assert not lease_for(storage, "model-z", "other").acquire()
-    held.release()
-    assert not lease_for(storage, "model-z", "other").alive()
+def test_conditional_writes_on_a_folder(tmp_path):
+    storage = Storage(tmp_path)
+    tag = storage.create("leases/x.json", b"one")
+    assert tag and storage.create("leases/x.json", b"two") is None  # exists: refused
+    assert storage.swap("leases/x.json", b"three", "stale") is None  # changed since read: refused
+    new = storage.swap("leases/x.json", b"three", tag)
+    assert new and storage.read_tagged("leases/x.json") == (b"three", new)
+    assert storage.read_tagged("leases/absent.json") is None and storage.swap("leases/absent.json", b"", tag) is None
+    storage.check_conditional_writes()  # a folder honours them
+    with pytest.raises(ConfigError, match="conditional writes") as error:
+        Storage("gs://bucket/x").check_conditional_writes()
+    assert "\n" not in str(error.value)
 
 
 def test_a_sqlite_stores_artifacts_live_beside_it_not_in_the_working_folder(tmp_path, empty_store, monkeypatch):
@@ -79,6 +61,6 @@ def test_a_sqlite_stores_artifacts_live_beside_it_not_in_the_working_folder(tmp_
 
     shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path.parent)
-    sweep = tracking.SweepRun(f"sqlite:///{tmp_path / 'mlflow.db'}", "transfusion_steps")
+    sweep = tracking.SweepRun(f"sqlite:///{tmp_path / 'mlflow.db'}", "transfusion_steps", Storage(tmp_path / "ray"), "s")
     assert sweep.client.get_experiment(sweep.experiment).artifact_location == (tmp_path / "mlruns").as_uri()
     assert tracking.artifact_root("http://127.0.0.1:5000") is None
