@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from methods import METHODS, get_method
 from orchestrator.data import generality, synthetic
@@ -33,12 +34,39 @@ def test_generality_module_imports_no_other_family():
     assert not imported & {"orchestrator.data.synthetic", "orchestrator.data.validation_defects"}, imported
 
 
+def test_no_photo_of_the_set_is_in_a_bank_a_method_trains_on():
+    """By content: downscaled crops of each photo against every image of the offline texture
+    bank (anomaly paste-ins) — and the check finds a renamed, resized copy."""
+    from skimage import data as skdata
+
+    from orchestrator.data import textures
+
+    photos = generality.load_photos()
+    bank = {name: getattr(skdata, name)() for name in textures.OFFLINE_SOURCES}
+    assert generality.near_duplicates(photos, bank) == []
+    resized = np.asarray(Image.fromarray(skdata.grass()).resize((300, 300), Image.BILINEAR))
+    found = generality.near_duplicates(photos, {**bank, "renamed": resized})
+    assert [(a, b) for a, b, _ in found] == [("grass", "renamed")]
+
+
+def test_training_and_test_crops_come_from_disjoint_rows():
+    photo = np.zeros((512, 512), np.uint8)
+    rng = np.random.default_rng(0)
+    rows = {split: set() for split in ("train", "test")}
+    for split in rows:
+        for _ in range(500):
+            top, _left = generality.crop_box(split, photo.shape, rng)
+            rows[split].update(range(top, top + generality.CROP))
+    assert rows["train"] and rows["test"] and not rows["train"] & rows["test"]
+    assert max(rows["train"]) < min(rows["test"])
+
+
 @pytest.mark.parametrize("defect", generality.GENERALITY_DEFECTS)
 def test_masks_are_exactly_the_visibly_changed_pixels(defect):
     photos = generality.load_photos()
     rng = np.random.default_rng(7)
     for category in generality.CATEGORIES:
-        normal = generality.normal_image(photos[category], rng)
+        normal = generality.normal_image(photos[category], rng, "test")
         image, mask = generality.draw_defect(defect, normal, rng)
         before = generality.to_uint8(normal)
         change = np.abs(image.astype(np.int16) - before).max(axis=2)
@@ -69,7 +97,7 @@ def test_a_leftover_partial_folder_is_refused_with_the_fix(tmp_path):
 
 
 class _FakeModel:
-    """Stands in for a trained model in bench.generality.select: only its config matters."""
+    """Stands in for a trained model in bench.generality.measure: only its config matters."""
 
     def __init__(self, config):
         self.config = config
@@ -89,7 +117,7 @@ class _FakeModel:
     ([{}, {"blur_sigma": 4.0}, {"blur_sigma": 8.0}, {"patch_size": 5}], {2.0: 0.7, 4.0: 0.7, 8.0: 0.8}, 2),
     ([{}, {"blur_sigma": 4.0}], {2.0: 0.7, 4.0: 0.7}, 0),  # a tie keeps the preset
 ])
-def test_select_tunes_on_validation_and_tests_only_the_chosen_setting(monkeypatch, grid, val_by_blur, expected):
+def test_candidates_are_chosen_on_validation_and_only_preset_and_chosen_are_tested(monkeypatch, grid, val_by_blur, expected):
     from types import SimpleNamespace
 
     from bench import generality as bench
@@ -116,13 +144,14 @@ def test_select_tunes_on_validation_and_tests_only_the_chosen_setting(monkeypatc
     monkeypatch.setattr(bench, "evaluate_split", evaluate_split)
     monkeypatch.setattr(bench, "calibrate_on_validation_normals", lambda *args: None)
 
-    record = bench.select("patchcore", 2, "smoke", "unused")
+    record = bench.measure("patchcore", 2, "smoke", "unused")
     assert record["selected"] == expected
     chosen_blur = 2.0 if expected == 0 else grid[expected]["blur_sigma"]
     categories = len(generality.CATEGORIES)
-    assert sorted(test_calls) == sorted([(chosen_blur, seed) for seed in range(2) for _ in range(categories)])
+    # the preset on the test split, and the chosen one if it is another: nothing else
+    tested = {2.0, chosen_blur}
+    assert sorted(test_calls) == sorted([(blur, seed) for blur in tested for seed in range(2) for _ in range(categories)])
     # one training per (training settings, seed, category): inference-only candidates reuse it
     assert len(trainings) == len({(g.get("patch_size", 3)) for g in grid}) * 2 * categories
-    assert record["test_image_auroc"] == {str(s): {c: 0.1 for c in generality.CATEGORIES} for s in range(2)}
-    runs = bench.selected_runs(record)
-    assert [r["val_image_auroc"]["brick"] for r in runs] == [val_by_blur[chosen_blur]] * 2
+    assert record["chosen_test_image_auroc"] == {c: [0.1, 0.1] for c in generality.CATEGORIES}
+    assert record["val_image_auroc"][expected]["brick"] == [val_by_blur[chosen_blur]] * 2

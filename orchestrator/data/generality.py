@@ -1,27 +1,35 @@
-"""The ``generality`` dataset: real photographs, defects from a family no method trains on.
+"""The ``generality`` dataset: real photographs, defects of kinds no method trains or selects on.
 
 A frozen test of generality (``bench.generality``): does a method find defects it never saw
 during training, nor during selection? Three texture categories cut from the real
 photographs scikit-image ships (``brick``, ``grass``, ``gravel``: grey, untinted, 192-px
-crops resized to 128 px; the embedded ``synthetic`` set tints 256-px crops and has no
-grass), MVTec AD layout, exact masks. Every category has the same three defect types, a
-fourth family that shares no code and no defect type with the others:
+crops resized to 128 px), MVTec AD layout, exact masks.
 
-    glare   a specular highlight: an anisotropic Gaussian lobe of light added to the
-            surface (a reflection, a wet or polished spot)
-    dent    a shallow bump or pit lit from one side: the shading of a Gaussian height
-            field's slope darkens one flank and lightens the other (an impact mark)
-    mosaic  a convex polygon of the image replaced by its block means (6-10 px blocks):
-            structure lost to a block-shaped smear (a print or sensor artefact)
+Clean by construction (v2):
 
-The other families, for comparison: methods train on Perlin-shaped texture or shuffled-patch
-paste-ins (``methods/anomaly_synthesis.py``) and DRDC on grid-cell noise and feature jitter;
-the validation split uses swirl, patch transplant, defocus and gamma inside a disk
-(``validation_defects.py``); the ``synthetic`` test split draws cracks, scratches, stains,
-spots, holes and missing parts. ``tests/test_generality.py`` checks the names are disjoint
-and that this module imports none of those modules.
+* **No shared source.** None of the three photos is in the texture bank methods paste
+  anomalies from (orchestrator/data/textures.py; ``grass`` was, until v2) or anything the
+  validation split draws on: :func:`near_duplicates` compares downscaled crops of every
+  photo with every bank image by content, not by name (tests/test_generality.py).
+* **Disjoint regions.** Training normals (and so the validation normals held out of them)
+  are cut from the top 320 rows of each 512-row photo, test images (normal or defective)
+  from the bottom 192: no test pixel was ever a training pixel (:func:`crop_box`).
+* **Defects of other kinds.** Every category has the same three defect types:
 
-Frozen: ``FROZEN_DIGEST`` is the SHA-256 of the generated files. ``bench.generality``
+      thread  thin curvilinear strokes (1-3 px) of one dark or light grey: fine structure
+              *added*; no generator adds sub-5-px curves (training paste-ins are wide
+              Perlin blobs, DRDC's noise fills grid cells, validation warps, transplants,
+              blurs or re-grades a disk)
+      void    an elliptic region emptied to one flat dark grey: texture *removed* and the
+              level dropped (defocus keeps the structure's mean, gamma keeps the texture,
+              paste-ins and transplants bring texture in)
+      tear    a band whose pixels are shifted several pixels along a cut: a *discontinuous*
+              displacement (the validation swirl is a smooth, continuous warp)
+
+  ``tests/test_generality.py`` checks the names are disjoint from every other family's and
+  that this module imports none of their code.
+
+Frozen: ``FROZEN_DIGEST`` is the SHA-256 of the generated files (pixels). ``bench.generality``
 refuses to measure on anything else, and a test regenerates the set and compares, so a
 change to the generator cannot slip in after the numbers were taken (change it only with
 a new ``VERSION``, a new digest and a new measurement).
@@ -48,7 +56,7 @@ from orchestrator.files import publish_folder
 
 log = logging.getLogger(__name__)
 
-VERSION = "v1"  # part of the folder name: bump (and re-freeze) whenever generation changes
+VERSION = "v2"  # part of the folder name: bump (and re-freeze) whenever generation changes
 SEED = 0
 SIZE = 128
 CROP = 192
@@ -56,10 +64,11 @@ N_TRAIN = 100
 N_TEST_GOOD = 24
 N_TEST_PER_DEFECT = 12
 CATEGORIES = ("brick", "grass", "gravel")
-GENERALITY_DEFECTS: tuple[str, ...] = ("glare", "dent", "mosaic")
+GENERALITY_DEFECTS: tuple[str, ...] = ("thread", "void", "tear")
+TRAIN_ROWS, TEST_ROWS = (0, 320), (320, 512)  # the photos' rows training and test crops come from (disjoint)
 CHANGE_TOLERANCE = 6  # grey levels of 255
 MIN_PIXELS = 40  # a draw changing fewer pixels is drawn again (too faint to count as a defect)
-FROZEN_DIGEST = "b5da1accd369c0a339d831a90202b1087a198586294c8033ffa853ee2edd36c4"  # frozen 2026-12-03, before any measurement
+FROZEN_DIGEST = "308044bfb18ba6d3412d113983ff06e4666827a2fee9629fe7143af2069fc625"  # v2, frozen 2026-12-07, before any measurement on it
 
 
 def dataset_root(cache_dir: str | Path) -> Path:
@@ -72,12 +81,51 @@ def load_photos() -> dict[str, np.ndarray]:
     return {"brick": skdata.brick(), "grass": skdata.grass(), "gravel": skdata.gravel()}
 
 
-def normal_image(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random CROP-px crop of a grey photo, resized to SIZE, grey RGB float in [0, 1]."""
-    top, left = rng.integers(0, photo.shape[0] - CROP), rng.integers(0, photo.shape[1] - CROP)
+def crop_box(split: str, photo_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, int]:
+    """(top, left) of a CROP-px crop inside the rows of ``split`` ("train" or "test")."""
+    low, high = TRAIN_ROWS if split == "train" else TEST_ROWS
+    assert high <= photo_shape[0] and high - low >= CROP, (photo_shape, split)
+    top = int(rng.integers(low, high - CROP + 1))
+    left = int(rng.integers(0, photo_shape[1] - CROP + 1))
+    return top, left
+
+
+def normal_image(photo: np.ndarray, rng: np.random.Generator, split: str = "train") -> np.ndarray:
+    """A random CROP-px crop of a grey photo from ``split``'s rows, resized to SIZE, grey
+    RGB float in [0, 1]."""
+    top, left = crop_box(split, photo.shape, rng)
     crop = Image.fromarray(photo[top : top + CROP, left : left + CROP]).resize((SIZE, SIZE), Image.BILINEAR)
     grey = np.asarray(crop, dtype=np.float64) / 255
     return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _thumbnails(photo: np.ndarray, size: int = 32) -> np.ndarray:
+    """The whole photo and its four quadrants, grey, ``size`` px, each zero-mean and unit-norm."""
+    grey = photo if photo.ndim == 2 else photo[..., :3].mean(axis=2)
+    h, w = grey.shape
+    crops = [grey, grey[: h // 2, : w // 2], grey[: h // 2, w // 2 :], grey[h // 2 :, : w // 2], grey[h // 2 :, w // 2 :]]
+    out = []
+    for crop in crops:
+        small = np.asarray(Image.fromarray(np.asarray(crop, dtype=np.float64).astype(np.float32)).resize((size, size), Image.BILINEAR),
+                           dtype=np.float64).ravel()
+        small = small - small.mean()
+        out.append(small / (np.linalg.norm(small) or 1.0))
+    return np.stack(out)
+
+
+def near_duplicates(ours: dict[str, np.ndarray], others: dict[str, np.ndarray], threshold: float = 0.9) -> list[tuple[str, str, float]]:
+    """(our name, their name, similarity) for every pair of images sharing content: the
+    largest normalised correlation between any of their downscaled crops (whole image,
+    quadrants) reaches ``threshold``. By content, not by name: a renamed or resized copy of
+    a photo, or of one of its quadrants, is found."""
+    found = []
+    for a, image_a in ours.items():
+        ta = _thumbnails(image_a)
+        for b, image_b in others.items():
+            similarity = float((ta @ _thumbnails(image_b).T).max())
+            if similarity >= threshold:
+                found.append((a, b, similarity))
+    return found
 
 
 # ---------------------------------------------------------------------------- the defect family
@@ -87,47 +135,56 @@ def _centre(rng: np.random.Generator, margin: int = 20) -> tuple[float, float]:
     return tuple(rng.uniform(margin, SIZE - margin, 2))
 
 
-def glare(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    cy, cx = _centre(rng)
-    sigma_long, sigma_short = rng.uniform(7, 13), rng.uniform(3, 6)
-    angle = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
-    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-    lobe = np.exp(-0.5 * ((u / sigma_long) ** 2 + (v / sigma_short) ** 2))
-    return np.clip(image + rng.uniform(0.3, 0.55) * lobe[..., None], 0, 1)
-
-
-def dent(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    cy, cx = _centre(rng)
-    sigma = rng.uniform(5, 9)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    height = np.exp(-0.5 * ((yy - cy) ** 2 + (xx - cx) ** 2) / sigma**2) * rng.choice([-1.0, 1.0])
-    dy, dx = np.gradient(height)
-    light = rng.uniform(0, 2 * np.pi)
-    slope = (dx * np.cos(light) + dy * np.sin(light)) * sigma  # ≈ ±0.6 at the flanks, independent of sigma
-    shading = 1 + rng.uniform(0.6, 0.9) * slope
-    return np.clip(image * shading[..., None], 0, 1)
-
-
-def mosaic(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    cy, cx = _centre(rng)
-    radius = rng.uniform(10, 18)
-    angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 8))))
-    rr, cc = draw.polygon(cy + radius * np.sin(angles), cx + radius * np.cos(angles), shape=(SIZE, SIZE))
-    polygon = np.zeros((SIZE, SIZE), bool)
-    polygon[rr, cc] = True
-    block = int(rng.integers(6, 11))
-    columns = -(-SIZE // block)
-    labels = (np.arange(SIZE)[:, None] // block) * columns + np.arange(SIZE)[None, :] // block
+def thread(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """1-3 curvilinear strokes, 1-3 px wide, of one grey far from the surface's mean."""
     out = image.copy()
-    for channel in range(3):
-        means = ndimage.mean(image[..., channel], labels=labels, index=np.arange(labels.max() + 1))
-        out[..., channel] = np.where(polygon, means[labels], image[..., channel])
+    level = 0.05 if image.mean() > 0.5 else 0.95
+    level = level if rng.random() < 0.7 else 1 - level
+    for _ in range(int(rng.integers(1, 4))):
+        y, x = _centre(rng)
+        heading, points = rng.uniform(0, 2 * np.pi), []
+        for _ in range(int(rng.integers(25, 60))):  # a random walk with a slowly turning heading
+            points.append((y, x))
+            heading += rng.normal(0, 0.25)
+            y, x = y + np.sin(heading), x + np.cos(heading)
+        stroke = np.zeros((SIZE, SIZE), bool)
+        for (y0, x0), (y1, x1) in zip(points, points[1:]):
+            rr, cc = draw.line(int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
+            keep = (rr >= 0) & (rr < SIZE) & (cc >= 0) & (cc < SIZE)
+            stroke[rr[keep], cc[keep]] = True
+        if rng.random() < 0.5:  # 3 px wide instead of 1 (scipy dilates until nothing changes when iterations < 1)
+            stroke = ndimage.binary_dilation(stroke, iterations=1)
+        out[stroke] = level
     return out
 
 
-DRAW = {"glare": glare, "dent": dent, "mosaic": mosaic}
+def void(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An elliptic region emptied to one flat dark grey."""
+    cy, cx = _centre(rng)
+    rr, cc = draw.ellipse(cy, cx, rng.uniform(5, 12), rng.uniform(5, 12), shape=(SIZE, SIZE), rotation=rng.uniform(0, np.pi))
+    out = image.copy()
+    out[rr, cc] = rng.uniform(0.0, 0.12)
+    return out
+
+
+def tear(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A band (on one side of a straight cut) whose pixels are shifted along the cut."""
+    cy, cx = _centre(rng, margin=30)
+    angle = rng.uniform(0, np.pi)
+    length, width, shift = rng.uniform(30, 60), rng.uniform(8, 16), rng.uniform(3, 7)
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float64)
+    along = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    across = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    band = (np.abs(along) < length / 2) & (across >= 0) & (across < width)
+    source_y, source_x = yy - shift * np.sin(angle), xx - shift * np.cos(angle)  # read from `shift` px back along the cut
+    out = image.copy()
+    for channel in range(3):
+        moved = ndimage.map_coordinates(image[..., channel], [source_y, source_x], order=1, mode="reflect")
+        out[..., channel] = np.where(band, moved, image[..., channel])
+    return out
+
+
+DRAW = {"thread": thread, "void": void, "tear": tear}
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -185,7 +242,7 @@ def generate(root: Path) -> Path:
                 if defect != "good":
                     (folder / "ground_truth" / defect).mkdir(parents=True)
                 for i in range(count):
-                    normal = normal_image(photos[category], rng)
+                    normal = normal_image(photos[category], rng, split)
                     if defect == "good":
                         _save_png(folder / split / defect / f"{i:03d}.png", to_uint8(normal))
                         continue
