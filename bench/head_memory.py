@@ -80,9 +80,9 @@ def title(pid: int) -> str:
     return Path(program).name or first
 
 
-def head_pids(cluster) -> list[int]:
-    """The head node's own processes (GCS, dashboard, raylet, ...): their workers are the raylet's children."""
-    return [info.process.pid for infos in cluster.head_node.all_processes.values() for info in infos if info.process is not None]
+def node_pids(node) -> list[int]:
+    """A node's own processes (GCS, dashboard, raylet, ...): its workers are the raylet's children."""
+    return [info.process.pid for infos in node.all_processes.values() for info in infos if info.process is not None]
 
 
 def measure(trials: int, train_s: float, eval_s: float, work: Path) -> dict:
@@ -98,14 +98,17 @@ def measure(trials: int, train_s: float, eval_s: float, work: Path) -> dict:
     for _ in range(trials):
         cluster.add_node(num_cpus=1, resources={"slot": 1})
     ray.init(address=cluster.address, runtime_env=sleeper.RUNTIME_ENV, namespace="diffad")
-    roots = head_pids(cluster) + [os.getpid()]
+    # The head's processes and the driver's (this process) with everything they started, but
+    # not the other nodes: on one machine their raylets are children of this process too.
+    roots = node_pids(cluster.head_node) + [os.getpid()]
+    others = [pid for node in cluster.worker_nodes for pid in node_pids(node)]
     samples: list[tuple[float, float, int, dict[str, list[float]]]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(1.0):
             by_title: dict[str, list[float]] = {}
-            for pid in descendants(roots):
+            for pid in descendants(roots) - descendants(others):
                 kind = title(pid)
                 by_title.setdefault(kind, [0, 0.0])
                 by_title[kind][0] += 1

@@ -426,13 +426,19 @@ def check_storage(path: str | Path, key: str = "storage_path") -> None:
                 pass  # someone else has put something there meanwhile: keep it
 
 
-def check_tracking_uri(uri: str | None) -> None:
-    """An MLflow server must answer before anything starts (MLflow itself would retry
-    for minutes, after Ray had started); a SQLite store needs its folder. No MLflow here:
-    one plain GET of ``<uri>/health`` with a 5 s timeout."""
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy URIs MLflow takes, with or without +driver
+
+
+def check_tracking_uri(uri: str | None, must_exist: bool = False) -> None:
+    """The MLflow target must answer before anything starts (MLflow itself would retry for
+    minutes, after Ray had started): an http(s) server (one GET of ``/health``, 5 s), a
+    database (one connection, 5 s), or a SQLite file whose folder exists and can be written
+    (``must_exist``: the file itself, for the report, which must not create an empty store).
+    One :class:`ConfigError` line naming the target, credentials redacted. No MLflow here."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return  # the default ./mlflow.db
+        uri = "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")  # the default store
+    shown = redact_uri(uri)
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme in ("http", "https"):
         try:
@@ -441,11 +447,48 @@ def check_tracking_uri(uri: str | None) -> None:
             return  # it answered (a server or proxy without /health): reachable
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise ConfigError(f"tracking_uri {redact_uri(uri)} is not reachable ({reason}); start the server or fix tracking_uri") from None
+            raise ConfigError(f"tracking_uri {shown} is not reachable ({reason}); start the server or fix tracking_uri") from None
     elif scheme == "sqlite":
         database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if database and database != ":memory:" and not Path(database).resolve().parent.is_dir():
-            raise ConfigError(f"tracking_uri {uri}: folder {Path(database).resolve().parent} does not exist; create it or fix tracking_uri")
+        if not database or database == ":memory:":
+            return
+        path = Path(database).resolve()
+        if must_exist and not path.is_file():
+            raise ConfigError(f"tracking_uri {shown}: no MLflow store at {path}; give the store the sweeps wrote (tracking_uri=sqlite:////abs/mlflow.db)")
+        if not path.parent.is_dir():
+            raise ConfigError(f"tracking_uri {shown}: folder {path.parent} does not exist; create it or fix tracking_uri")
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"tracking_uri {shown}: {path if path.exists() else path.parent} is not writable; fix its permissions or tracking_uri")
+    elif scheme.split("+")[0] in DATABASE_SCHEMES:
+        check_database(uri, shown)
+    elif scheme in ("file", ""):
+        raise ConfigError(f"tracking_uri {shown}: MLflow's file store is deprecated; use sqlite:////abs/path/mlflow.db or a server URL")
+    else:
+        raise ConfigError(f"tracking_uri {shown}: unknown scheme {scheme!r}; use http(s)://<server>, sqlite:////abs/mlflow.db "
+                          f"or a database URI ({', '.join(DATABASE_SCHEMES)})")
+
+
+def check_database(uri: str, shown: str) -> None:
+    """One connection to MLflow's database with a 5 s timeout."""
+    import sqlalchemy  # MLflow's own database layer; only database URIs need it
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5}, pool_pre_ping=False)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - a missing driver, a refused connection, bad credentials
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"tracking_uri {shown}: cannot connect to the database ({redact_uri(first)}); start it or fix tracking_uri") from None
+
+
+def check_ui_url(url: str | None) -> None:
+    """``mlflow_ui_url``: where the report's run links point: an http(s) address."""
+    if url is None:
+        return
+    parts = urllib.parse.urlparse(str(url))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"mlflow_ui_url {url!r} is not an http(s) address; give the MLflow UI's, e.g. mlflow_ui_url=http://127.0.0.1:5000")
 
 
 def sweep_prefix(ablation: str, dataset: str) -> str:

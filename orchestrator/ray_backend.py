@@ -437,6 +437,9 @@ class PipelineOutcome:
     node: str = ""
 
 
+PIPELINE_LEASES: set[Lease] = set()  # the leases this process's pipeline trainings hold (the scheduler releases them at its end)
+
+
 def run_pipeline_training(context: TrialContext, training: TrainingSpec) -> PipelineOutcome:
     """Train one pipeline model under its lease, unless it exists or someone else (another
     sweep) holds the lease; then the scheduler waits for the store instead of holding a slot."""
@@ -447,6 +450,7 @@ def run_pipeline_training(context: TrialContext, training: TrainingSpec) -> Pipe
     if not lease.acquire():
         return PipelineOutcome("elsewhere")
     lease.hold()
+    PIPELINE_LEASES.add(lease)
     try:
         if model_ready(context, training.key):
             return PipelineOutcome("exists")
@@ -458,6 +462,7 @@ def run_pipeline_training(context: TrialContext, training: TrainingSpec) -> Pipe
         meta = store.meta(training.key)
         return PipelineOutcome("trained", float(meta.get("started_at", 0.0)), time.time(), ",".join(meta.get("nodes", [])))
     finally:
+        PIPELINE_LEASES.discard(lease)
         lease.release()
 
 
@@ -550,8 +555,13 @@ class SweepScheduler:
         return queued
 
     async def stop(self) -> list[schedule.TaskRecord]:
-        """End the decisions (the sweep is over); returns every job's record."""
+        """End the decisions (the sweep is over, or interrupted); returns every job's record.
+        Trainings still running die with this actor when the driver exits: their leases are
+        released now, so that a resumed sweep (or another) continues them from their
+        checkpoints at once instead of after the leases' expiry."""
         self.loop.cancel()
+        for lease in list(PIPELINE_LEASES):
+            lease.release()
         return list(self.records)
 
     def _add(self, job: schedule.Job) -> None:

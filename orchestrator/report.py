@@ -1205,6 +1205,7 @@ KEYS = ("ablation", "sweep", "tracking_uri", "out", "mlflow_ui_url")
 
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.config import parse_overrides
+    from orchestrator.plan import check_tracking_uri, check_ui_url
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -1215,6 +1216,8 @@ def main(argv: list[str] | None = None) -> int:
         if values.get("help"):
             print(__doc__)
             return 0
+        check_tracking_uri(values.get("tracking_uri"), must_exist=True)  # a report never creates an empty store
+        check_ui_url(values.get("mlflow_ui_url"))
         uri = tracking.resolve_uri(values.get("tracking_uri"))
         ablation = values.get("ablation")
         if ablation:

@@ -5,6 +5,9 @@ say how far that choice can be trusted:
 
     kendall_tau_b(val, test)         rank agreement of validation and test over trials, ties handled
     bootstrap_tau_interval(...)      seeded 95 % percentile interval of τ, trials resampled
+    stratified_tau(val, test)        τ pooled over seeds, counting only pairs within a seed
+    permutation_p_value(val, test)   how often test values shuffled within seeds agree as well
+    stratified_tau_interval(...)     percentile interval, configurations resampled within seeds
     regret_on_test(val, test, mode)  test points lost by taking the validation-best trial
     noise_verdict(Δ, s_row, s_def, n)  is an ablation row's Δ to the default row beyond seed noise?
     is_saturated(values, seed_stds)  does the selection metric separate the trials at all?
@@ -61,6 +64,64 @@ def bootstrap_tau_interval(x: Sequence[float], y: Sequence[float], seed: int, re
     rng = np.random.default_rng(seed)
     taus = np.array([kendall_tau_b(a[i], b[i]) for i in rng.integers(0, len(a), size=(resamples, len(a)))])
     taus = taus[~np.isnan(taus)]  # resamples that drew one trial over and over
+    if len(taus) == 0:
+        return None
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(taus, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _pair_signs(x: np.ndarray) -> np.ndarray:
+    upper = np.triu_indices(len(x), k=1)
+    return np.sign(x[:, None] - x[None, :])[upper]
+
+
+def stratified_tau(validation: Sequence[Sequence[float]], test: Sequence[Sequence[float]]) -> float:
+    """Kendall's τ-b pooled over strata (one per training seed; in each, one value per
+    configuration): concordant minus discordant pairs, and the untied pairs of each
+    sequence, summed over the pairs *within* each seed, so that one seed's better models
+    do not count as agreement. NaN when every stratum is constant in one sequence."""
+    num = untied_x = untied_y = 0.0
+    for x, y in zip(validation, test, strict=True):
+        a, b = _paired(x, y)
+        sx, sy = _pair_signs(a), _pair_signs(b)
+        num += float(np.sum(sx * sy))
+        untied_x += np.count_nonzero(sx)
+        untied_y += np.count_nonzero(sy)
+    if untied_x == 0 or untied_y == 0:
+        return float("nan")
+    return num / float(np.sqrt(untied_x * untied_y))
+
+
+def permutation_p_value(validation: Sequence[Sequence[float]], test: Sequence[Sequence[float]], seed: int,
+                        permutations: int = 10_000) -> float:
+    """One-sided p-value of :func:`stratified_tau`: the share of permutations (test values
+    shuffled within each seed, seeded) whose τ is at least the observed one, counting the
+    observed arrangement itself ((k + 1) / (permutations + 1)). Small: validation ranks the
+    configurations as the test does more often than chance would."""
+    observed = stratified_tau(validation, test)
+    if np.isnan(observed):
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    strata = [np.asarray(t, dtype=np.float64) for t in test]
+    hits = sum(stratified_tau(validation, [rng.permutation(t) for t in strata]) >= observed - 1e-12 for _ in range(permutations))
+    return (hits + 1) / (permutations + 1)
+
+
+def stratified_tau_interval(validation: Sequence[Sequence[float]], test: Sequence[Sequence[float]], seed: int,
+                            resamples: int = 2000, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of :func:`stratified_tau` over bootstrap resamples of the
+    configurations within each seed (indices drawn with replacement, pairs kept together),
+    seeded; None when no resample has a defined τ."""
+    vals = [np.asarray(v, dtype=np.float64) for v in validation]
+    tests = [np.asarray(t, dtype=np.float64) for t in test]
+    rng = np.random.default_rng(seed)
+    taus = []
+    for _ in range(resamples):
+        picks = [rng.integers(0, len(v), size=len(v)) for v in vals]
+        taus.append(stratified_tau([v[i] for v, i in zip(vals, picks)], [t[i] for t, i in zip(tests, picks)]))
+    taus = np.asarray(taus)
+    taus = taus[~np.isnan(taus)]
     if len(taus) == 0:
         return None
     tail = 100 * (1 - level) / 2

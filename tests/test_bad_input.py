@@ -168,6 +168,11 @@ CASES = [
     ("unreachable tracking server", ["tracking_uri=http://127.0.0.1:9"], ["tracking_uri http://127.0.0.1:9 is not reachable",
                                                                           "start the server or fix tracking_uri"]),
     ("tracking folder missing", ["tracking_uri=sqlite:///{tmp}/nowhere/mlflow.db"], ["nowhere does not exist"]),
+    ("unreachable tracking database", ["tracking_uri=postgresql://mlflow:s3cret@127.0.0.1:9/mlflow"],
+     ["tracking_uri postgresql://mlflow:***@127.0.0.1:9/mlflow", "cannot connect to the database", "start it or fix tracking_uri"]),
+    ("unknown tracking scheme", ["tracking_uri=ftp://host/mlflow"], ["unknown scheme 'ftp'", "sqlite:////abs/mlflow.db"]),
+    ("trial.gpus not a number", ["trial.gpus=many"], ["trial.gpus must be auto or a number", "many"]),
+    ("max_concurrent not whole", ["max_concurrent=2.5"], ["max_concurrent must be auto or a whole number", "2.5"]),
     ("fractional workers", ["trial.workers=2.5"], ["trial.workers", "2.5", "Integer"]),
     ("categories not a list", ["categories=washer"], ["categories must be a list", "categories=[washer]"]),
     ("unknown foreground mode", ["data.foreground=maybe"], ["data.foreground 'maybe'", "auto, on, off"]),
@@ -204,6 +209,28 @@ def test_bad_input_is_one_error_line_and_nothing_written(case_tokens, expected, 
     for part in expected:
         assert part in message, message
     assert outputs.untouched(), f"{outputs} written by a failed start"
+
+
+def test_database_password_never_printed(tmp_path, outputs, capsys, no_ray):
+    message = run_sweep(capsys, ["ablation=transfusion_steps", *outputs.tokens(), "tracking_uri=postgresql://mlflow:s3cret@127.0.0.1:9/mlflow"])
+    assert "s3cret" not in message and "***" in message
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    (["tracking_uri=sqlite:///{tmp}/absent.db"], "no MLflow store at"),
+    (["mlflow_ui_url=not-a-url"], "mlflow_ui_url 'not-a-url' is not an http(s) address"),
+])
+def test_the_report_refuses_a_missing_store_and_a_bad_ui_url(tokens, expected, tmp_path, empty_store, capsys):
+    from orchestrator import report
+
+    store = tmp_path / "mlflow.db"
+    if "{tmp}" not in tokens[0]:
+        shutil.copyfile(empty_store, store)
+        tokens = [f"tracking_uri=sqlite:///{store}", *tokens]
+    tokens = [t.replace("{tmp}", str(tmp_path)) for t in tokens]
+    assert report.main(tokens) == 2
+    assert expected in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "absent.db").exists()  # the report did not create an empty store
 
 
 def test_storage_under_a_file_leaves_the_file_alone(tmp_path, outputs, capsys, no_ray):

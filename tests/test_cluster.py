@@ -12,48 +12,32 @@ These are the README's "Running on a cluster" steps.
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from orchestrator import tracking
-from services import free_ports
+from ray_heads import RayHead
 
 pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ray_cli(*args, env, timeout=180):
-    return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def cluster(services):
     """A head and one worker node, each with 1 CPU, their processes holding the S3
-    variables (what a cluster's nodes get from their launcher)."""
-    env = {**os.environ, **services.s3_env, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_ports(2)
-    temp = Path("/tmp") / f"raymn{os.getpid()}"  # Ray's socket paths must stay short
-    head = ray_cli("start", "--head", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                   f"--dashboard-port={dashboard}", f"--port={gcs}", f"--temp-dir={temp}", "--disable-usage-stats", env=env)
+    variables (what a cluster's nodes get from their launcher). Each node has a temp
+    folder of its own, as on a machine of its own (with the head's, its runtime-env agent
+    deleted the job's unpacked working dir, the driver's cwd, when its own workers were done
+    with it); stopped by killing their own processes only."""
+    head = RayHead(1, {**os.environ, **services.s3_env})
     try:
-        assert head.returncode == 0, head.stderr[-2000:]
-        # Its own temp dir, as on a machine of its own: with the head's, its runtime-env
-        # agent deleted the job's unpacked working dir (the driver's cwd) when its own
-        # workers were done with it.
-        worker = ray_cli("start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                         f"--temp-dir={temp}w", "--disable-usage-stats", env=env)
-        assert worker.returncode == 0, worker.stderr[-2000:]
-        yield dict(env, RAY_ADDRESS=f"http://127.0.0.1:{dashboard}", GCS_ADDRESS=f"127.0.0.1:{gcs}")
+        head.add_node(1)
+        head.wait_for_jobs()
+        yield head
     finally:
-        ray_cli("stop", "--force", env=env, timeout=120)
-        for folder in (temp, Path(f"{temp}w")):
-            shutil.rmtree(folder, ignore_errors=True)
+        head.stop()
 
 
 def test_job_on_two_nodes_with_object_storage_and_mlflow_server(cluster, services, cache_dir):
@@ -62,14 +46,11 @@ def test_job_on_two_nodes_with_object_storage_and_mlflow_server(cluster, service
     # The job's runtime environment carries the tracking URI and the S3 settings to every
     # worker process of the job (deploy/rayjob.yaml does the same).
     runtime_env = {"env_vars": {k: v for k, v in services.env.items()}}
-    submitted = ray_cli(
-        "job", "submit", "--working-dir", str(ROOT), "--entrypoint-num-cpus=0", "--runtime-env-json", json.dumps(runtime_env), "--",
-        sys.executable, "-m", "orchestrator.sweep", "ablation=transfusion_final_mask", "categories=[washer]",
-        "method.epochs=1", "method.steps=5", "trial.workers=2", "trial.cpus=1", "max_concurrent=1",
-        f"storage_path={storage}", f"tracking_uri={services.tracking_uri}", f"data.cache_dir={cache_dir}",
-        "latency_images=1", "sample_maps=1",
-        env=cluster, timeout=1200,
-    )
+    submitted = cluster.submit(
+        ["ablation=transfusion_final_mask", "categories=[washer]",
+         "method.epochs=1", "method.steps=5", "trial.workers=2", "trial.cpus=1", "max_concurrent=1",
+         f"storage_path={storage}", f"tracking_uri={services.tracking_uri}", f"data.cache_dir={cache_dir}",
+         "latency_images=1", "sample_maps=1"], runtime_env=json.dumps(runtime_env))
     errors = "\n".join(line for line in submitted.stdout.splitlines() if "Error" in line or "error:" in line)
     assert submitted.returncode == 0, f"{errors[-4000:]}\n...\n{submitted.stdout[-3000:]}"
     assert "succeeded" in submitted.stdout.lower() and "transfusion_final_mask.md" in submitted.stdout  # the report was written
@@ -110,13 +91,10 @@ def test_asha_on_two_nodes_stops_trials_and_leaves_no_placement_group(cluster, s
     space.write_text(ASHA_SPACE)
     storage = f"s3://{services.store.bucket}/asha-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {k: v for k, v in services.env.items()}}
-    submitted = ray_cli(
-        "job", "submit", "--working-dir", str(ROOT), "--entrypoint-num-cpus=0", "--runtime-env-json", json.dumps(runtime_env), "--",
-        sys.executable, "-m", "orchestrator.sweep", f"ablation={space}", "max_concurrent=2", "eval_every=1", "eval_batch_size=32",
-        "method.epochs=3", "method.steps=5", f"storage_path={storage}", f"tracking_uri={services.tracking_uri}",
-        f"data.cache_dir={cache_dir}", "latency_images=1", "sample_maps=1",
-        env=cluster, timeout=1200,
-    )
+    submitted = cluster.submit(
+        [f"ablation={space}", "max_concurrent=2", "eval_every=1", "eval_batch_size=32",
+         "method.epochs=3", "method.steps=5", f"storage_path={storage}", f"tracking_uri={services.tracking_uri}",
+         f"data.cache_dir={cache_dir}", "latency_images=1", "sample_maps=1"], runtime_env=json.dumps(runtime_env))
     assert submitted.returncode == 0, submitted.stdout[-4000:]
     frame = tracking.search_runs(services.tracking_uri, "transfusion_asha")
     parent = frame[(frame["tags.kind"] == "sweep") & (frame["tags.storage"] == storage)]
@@ -127,7 +105,7 @@ def test_asha_on_two_nodes_stops_trials_and_leaves_no_placement_group(cluster, s
     import ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the test head was started
-    ray.init(address=cluster["GCS_ADDRESS"])
+    ray.init(address=cluster.gcs)
     try:
         alive = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
         # drivers=head (the default): the sweeps' schedulers, trial drivers and Train controllers

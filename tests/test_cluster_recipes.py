@@ -233,3 +233,13 @@ def test_a_cluster_that_starts_without_workers_grows_and_the_sweep_waits(name):
         assert keys.get("autoscaling") == "true", f"{name}: without autoscaling=true the sweep refuses a cluster with no GPU yet"
         # the autoscaler's maximum may not be published: the command states the cap
         assert {"trial.gpus", "max_concurrent"} <= set(keys), f"{name}: state trial.gpus and max_concurrent for a growing cluster"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_job_stop_leaves_the_sweep_time_to_stop_cleanly(name):
+    """`ray job stop` SIGKILLs the driver 3 s after SIGTERM unless the head says otherwise:
+    too soon to save Tune's state, mark the runs KILLED and release the leases."""
+    recipe = load(name)
+    head = (launcher_start_commands(recipe)["head"] if name == "aws-launcher.yaml" else None)
+    env = start_env(head) if head else container_env(ray_containers(recipe)[0])
+    assert int(env.get("RAY_JOB_STOP_WAIT_TIME_S", "3")) >= 60, f"{name}: set RAY_JOB_STOP_WAIT_TIME_S on the head"

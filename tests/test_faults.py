@@ -1,5 +1,6 @@
 """Fault injection with real processes (no mocks): killed Train workers, stopped drivers,
-two sweeps sharing one model store. Long: run by `make test-long`.
+two sweeps sharing one model store, ASHA's early stops, DDP evaluation under Train's report
+barrier. Long: run by `make test-long` (more in tests/test_durability.py).
 
 Every scenario ends in finished MLflow runs, each trial exactly once, and the model
 trained once.
@@ -8,16 +9,16 @@ trained once.
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+
+from ray_heads import RayHead
 
 pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(1500)]  # a hang fails, never blocks CI
 
@@ -73,7 +74,8 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, cache_dir):
     try:
         wait_for(lambda: any((tmp_path / "ray" / "train").glob("train-*/checkpoint_*")), proc, 600, "a checkpoint")
         time.sleep(1)
-        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        # this sweep's own Train worker: in the session of its driver (its embedded Ray's processes are)
+        workers = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
         assert workers, "no Ray Train worker process found"
         for pid in workers:
             os.kill(int(pid), signal.SIGKILL)
@@ -118,21 +120,15 @@ def test_sigterm_marks_the_sweep_killed_and_resume_finishes_it(tmp_path, cache_d
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A `ray start --head` on loopback that both sweeps join."""
-    ray = str(Path(sys.executable).with_name("ray"))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
-    temp = Path("/tmp") / f"rayfaults{os.getpid()}"  # Ray's socket paths must stay short
-    started = subprocess.run([ray, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                              "--dashboard-port=8297", "--port=6397", f"--temp-dir={temp}", "--disable-usage-stats"],
-                             env=env, capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stderr[-2000:]
+def ray_head():
+    """A `ray start --head` of this test's own that both sweeps join (stopped by killing its
+    own processes, never `ray stop`)."""
+    head = RayHead(2, dict(os.environ))
     try:
-        yield dict(env, RAY_ADDRESS="127.0.0.1:6397")
+        head.wait_for_jobs()
+        yield dict(head.env, RAY_ADDRESS=head.gcs)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
 
 
 def test_two_sweeps_sharing_a_store_train_the_model_once(tmp_path, cache_dir, ray_head):
@@ -172,75 +168,6 @@ def test_two_sweeps_at_once_each_with_its_own_embedded_ray(tmp_path, cache_dir):
     for p in procs:  # the embedded Ray ends with its driver
         left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
         assert not left, f"processes of driver {p.pid} still running: {left}"
-
-
-class MlflowServer:
-    """`mlflow server` on loopback over a SQLite store, which the test can stop and start."""
-
-    def __init__(self, folder: Path, port: int):
-        self.folder, self.port, self.proc = folder, port, None
-        self.url = f"http://127.0.0.1:{port}"
-
-    def start(self) -> None:
-        mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
-        self.proc = subprocess.Popen([mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                                      "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-                                      "--artifacts-destination", str(self.folder / "artifacts")],
-                                     cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        import urllib.request
-
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, "mlflow server exited"
-                time.sleep(1)
-        raise AssertionError("mlflow server did not answer in 180 s")
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=60)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path, 5000 + os.getpid() % 1000)
-    server.start()
-    yield server
-    if server.proc.poll() is None:
-        server.stop()
-
-
-def test_mlflow_server_restart_mid_sweep_loses_nothing(tmp_path, cache_dir, mlflow_server):
-    """The MLflow server goes away after the first trial and comes back 20 s later: writes
-    in between are retried (MLflow's and ours) or kept under the storage and replayed, so
-    the sweep finishes and every trial has its run, status and test metrics."""
-    args = ["ablation=transfusion_final_mask", "max_concurrent=1",
-            *sweep_args(tmp_path, cache_dir, "method.epochs=1"), f"tracking_uri={mlflow_server.url}"]
-    proc = start_sweep(tmp_path, args)
-    mlflow.set_tracking_uri(mlflow_server.url)
-
-    def one_finished() -> bool:
-        try:
-            frame = mlflow.search_runs(experiment_names=["transfusion_final_mask"])
-        except Exception:
-            return False
-        return "tags.kind" in frame and ((frame["tags.kind"] == "trial") & (frame["status"] == "FINISHED")).any()
-
-    wait_for(one_finished, proc, 900, "the first finished trial")
-    mlflow_server.stop()
-    time.sleep(20)
-    mlflow_server.start()
-    output = proc.communicate(timeout=1200)[0]
-    assert proc.returncode == 0, why(output)
-    frame = mlflow.search_runs(experiment_names=["transfusion_final_mask"])
-    parents, trials = frame[frame["tags.kind"] == "sweep"], frame[frame["tags.kind"] == "trial"]
-    assert len(parents) == 1 and (parents["status"] == "FINISHED").all()
-    assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
-    assert trials["metrics.test_image_auroc"].notna().all() and trials["metrics.val_image_auroc"].notna().all()
-    assert not list((tmp_path / "ray" / "mlflow-spool").glob("*.jsonl"))  # everything reached MLflow
 
 
 ASHA_SPACE = """

@@ -144,3 +144,34 @@ def test_tpe_sampler_is_seeded():
 
     assert proposals(1) == proposals(1)
     assert proposals(1) != proposals(2)
+
+
+def test_stratified_tau_counts_pairs_within_seeds_only():
+    from orchestrator.selection import stratified_tau
+
+    # within each seed validation and test agree perfectly; across seeds the levels differ
+    # (seed 1's models are better on the test, worse on validation): only within-seed pairs count
+    val = [[0.1, 0.2, 0.3], [0.0, 0.05, 0.06]]
+    test = [[0.5, 0.6, 0.7], [0.9, 0.95, 0.99]]
+    assert stratified_tau(val, test) == pytest.approx(1.0)
+    # by hand: seed 0 has C=3, D=0; seed 1 (reversed test) C=0, D=3; 6 untied pairs each way
+    assert stratified_tau(val, [[0.5, 0.6, 0.7], [0.99, 0.95, 0.9]]) == pytest.approx(0.0)
+    # a tie in seed 0's validation: 2 untied validation pairs there
+    tau = stratified_tau([[0.1, 0.1, 0.3], [0.0, 0.05, 0.06]], test)
+    assert tau == pytest.approx((2 + 3) / math.sqrt((2 + 3) * (3 + 3)))
+    assert math.isnan(stratified_tau([[1, 1], [2, 2]], [[0, 1], [0, 1]]))
+
+
+def test_permutation_p_value_and_interval():
+    from orchestrator.selection import permutation_p_value, stratified_tau_interval
+
+    val = [list(range(8)), list(range(8)), list(range(8))]
+    agree = [[v + 0.1 * k for v in range(8)] for k in range(3)]
+    p = permutation_p_value(val, agree, seed=0, permutations=2000)
+    assert p < 0.001  # perfect agreement in three seeds of eight: chance almost never does that
+    shuffled = [[3, 7, 0, 5, 1, 6, 2, 4], [6, 1, 4, 0, 7, 2, 5, 3], [2, 5, 7, 1, 0, 4, 6, 3]]
+    assert permutation_p_value(val, shuffled, seed=0, permutations=2000) > 0.05
+    low, high = stratified_tau_interval(val, agree, seed=0, resamples=500)
+    assert low == pytest.approx(1.0) and high == pytest.approx(1.0)
+    low, high = stratified_tau_interval(val, shuffled, seed=0, resamples=500)
+    assert low < 0 < high
