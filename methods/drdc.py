@@ -32,6 +32,7 @@ Notation (code name -> paper symbol):
     condition          I_in        image with S_i replaced by Gaussian noise
     original           I_ori       the test image
     timesteps          {t_i}       the DDIM schedule of the one reverse pass (250, ..., 0)
+    train_start_timestep t_1       the pass start the Eq. 12 training states imitate (refinement_state)
     x0_prediction      x̃_0^t      Eq. 9
     inpainted          I_out^{t,c} Eq. 10
     scales             {l_i}       Eq. 16 down-sampling factors
@@ -90,7 +91,7 @@ class DRDCConfig(MultiClassConfig):
     feature_stride: int = train_field(16, "F_in resolution = input size / feature_stride (§5: 14x14 at 224)")
     feature_resize: FeatureResize = train_field(FeatureResize.BILINEAR, "how stages are resized to F_in: bilinear (UniAD's code) | area (block means, anti-aliased)")
     hidden_dim: int = train_field(256, "transformer width (UniAD: 256)")
-    num_heads: int = train_field(8, "attention heads (UniAD: 8)")
+    transformer_heads: int = train_field(8, "transformer attention heads (UniAD: 8); the UNet's are set by head_channels")
     encoder_layers: int = train_field(4, "transformer encoder layers (UniAD: 4)")
     decoder_layers: int = train_field(4, "transformer decoder layers, each with its own learned query (UniAD: 4)")
     ffn_dim: int = train_field(1024, "transformer feed-forward width (UniAD: 1024)")
@@ -109,15 +110,13 @@ class DRDCConfig(MultiClassConfig):
     train_grid_sizes: tuple[int, ...] = train_field((1, 16, 32), "grid cell sizes c of the training masks for I_in (the paper trains with its inference grids)")
     train_num_sets: int = train_field(2, "n_s of the training masks: one of n_s random disjoint sets is noised (the paper's n_s)")
     train_max_timestep: int | None = train_field(None, "largest t drawn in training; None = T-1 (§5 trains over all 1000 steps)")
-    # What the masked region of x_t holds in training (Eq. 12). Eq. 12 takes the
-    # expectation over x_0 and I_in separately and extends Eq. 8, so x_t ~ q(x_t | x_0) of
-    # the normal training image, target ε: the input of every reverse step after the first
-    # (there the masked region is the DDIM step from the previous x̃_0, the normal image).
-    # Only the first step sees the noise fill I_in forwarded, q(x_t | I_in) (§4.2).
-    train_noise_fill_fraction: float = train_field(
-        0.0,
-        "share of training samples whose masked region is q(x_t | I_in) (the first reverse step's input, §4.2) instead of "
-        "q(x_t | x_0) (Eq. 12 as printed; every later step's input); 0 = paper, 1/n_t matches an n_t-step schedule, 1 = noise fill only",
+    # What x_t holds in training (Eq. 12): the state the refinement pass really visits,
+    # derived in refinement_state(). On the masked region the deterministic pass keeps the
+    # noise fill's noise, so x_t there is not q(x_t | x_0) of the normal image.
+    train_start_timestep: int = train_field(
+        250,
+        "t_1 of the refinement pass the Eq. 12 training states imitate (refinement_state: the masked region carries the noise of "
+        "the fill forwarded to t_1); the first of `timesteps` (§5: 250); t > t_1 trains the first state of a pass started at t",
     )
     base_channels: int = train_field(128, "UNet base width (§5: ADM UNet, width not given; 128 as in DiffusionAD)")
     channel_mult: tuple[int, ...] = train_field((1, 1, 2, 2, 4, 4), "UNet width multipliers per level (ADM 256² layout)")
@@ -162,7 +161,10 @@ class DRDCConfig(MultiClassConfig):
             f"backbone_stages must be increasing stage numbers in [1, {num_stages}] for {self.backbone}, got {self.backbone_stages}",
         )
         check(self.feature_stride >= 1 and size % self.feature_stride == 0, f"feature_stride must divide the input size {size}, got {self.feature_stride}")
-        check(self.hidden_dim % 2 == 0 and self.hidden_dim % self.num_heads == 0, f"hidden_dim must be even and divisible by num_heads={self.num_heads}, got {self.hidden_dim}")
+        check(
+            self.hidden_dim % 2 == 0 and self.hidden_dim % self.transformer_heads == 0,
+            f"hidden_dim must be even and divisible by transformer_heads={self.transformer_heads}, got {self.hidden_dim}",
+        )
         check(min(self.encoder_layers, self.decoder_layers) >= 1, "encoder_layers and decoder_layers must be >= 1")
         largest = max_neighbor_size(self.feature_size)
         check(
@@ -175,7 +177,10 @@ class DRDCConfig(MultiClassConfig):
         )
         check(self.feature_jitter_scale >= 0 and 0 <= self.feature_jitter_prob <= 1, "feature_jitter_scale must be >= 0 and feature_jitter_prob in [0, 1]")
         check(self.num_timesteps >= 2, f"num_timesteps must be >= 2, got {self.num_timesteps}")
-        check(0.0 <= self.train_noise_fill_fraction <= 1.0, f"train_noise_fill_fraction must be in [0, 1], got {self.train_noise_fill_fraction}")
+        check(
+            0 <= self.train_start_timestep < self.num_timesteps,
+            f"train_start_timestep must be in [0, {self.num_timesteps - 1}], got {self.train_start_timestep}",
+        )
         check(
             self.train_max_timestep is None or 0 <= self.train_max_timestep < self.num_timesteps,
             f"train_max_timestep must be None or in [0, {self.num_timesteps - 1}], got {self.train_max_timestep}",
@@ -339,7 +344,8 @@ def inpaint(
 
     The paper does not say whether x̃_0 is clipped; we clip to [-1, 1] when
     ``clip_denoised`` (guided-diffusion's sampling default) and take the DDIM step with
-    the ε consistent with the clipped x̃_0.
+    the ε consistent with the clipped x̃_0. Training feeds z_θ the states this pass
+    visits (:func:`refinement_state`).
     """
     n = original.shape[0]
     device = original.device
@@ -366,6 +372,44 @@ def inpaint(
             x_next = replace_known_region(x_next, original, known_mask, t_prev, diffusion, _randn(tuple(original.shape), generator, device))
         x = x_next
     return InpaintingTrajectory(tuple(timesteps), states, predictions)
+
+
+class RefinementState(NamedTuple):
+    """A state of the refinement pass and the noise it holds (Eq. 12's x_t and ε)."""
+
+    x_t: torch.Tensor  # [B, 3, H, W] the input z_θ sees at step t (with I_in beside it)
+    eps: torch.Tensor  # [B, 3, H, W] ε̃ = (x_t - √ᾱ_t x) / √(1 - ᾱ_t): what z_θ must predict for x̃_0 = x
+
+
+def refinement_state(
+    diffusion: GaussianDiffusion, images: torch.Tensor, condition: torch.Tensor, t: torch.Tensor, start: int | torch.Tensor, noise: torch.Tensor
+) -> RefinementState:
+    """The state inpaint() visits at step t of a pass started at t_1 = ``start``, for a
+    z_θ that inpaints perfectly (DRDC Eq. 12's (x_t, ε), derived from §4.2-4.3, Eqs. 4, 9).
+
+    Notation: images = x (normal), condition = I_in = M ⊙ x + (1 - M) ⊙ n, noise = ε.
+
+    1. inpaint() starts from x_{t_1} = √ᾱ_{t_1} I_in + √(1-ᾱ_{t_1}) ε (Eq. 4 on I_in):
+       on the masked region pure noise √ᾱ_{t_1} n + √(1-ᾱ_{t_1}) ε, with nothing of x.
+    2. A perfect z_θ predicts x̃_0 = x (Eq. 9), i.e. ε̃ = (x_{t_1} - √ᾱ_{t_1} x) / √(1-ᾱ_{t_1}).
+    3. The deterministic DDIM step (η = 0) to t' gives √ᾱ_{t'} x + √(1-ᾱ_{t'}) ε̃, where
+       z_θ again predicts x̃_0 = x, hence the same ε̃: by induction every state is
+
+           x_t = √ᾱ_t x + √(1-ᾱ_t) ε̃,   ε̃ = ε + √(ᾱ_{t_1}/(1-ᾱ_{t_1})) (n - x) on M = 0,
+
+       and ε̃ = ε on the known region (which Eqs. 13-15 re-sample from q(x_t | x_0)).
+
+    So after the first step the masked region is *not* q(x_t | x) (Eq. 8's state, Eq. 12
+    as printed, ε ~ N(0, I)): given x its noise ε̃ has std 1/√(1-ᾱ_{t_1}) (1.45 at
+    t_1 = 250, 1.71 at 200) instead of 1, a mean -√(ᾱ_{t_1}/(1-ᾱ_{t_1})) x, and a part
+    in n that z_θ can read from I_in. Training draws exactly this (x_t, ε̃), target ε̃, so training and the
+    refinement agree. A pass from t_1 never visits t > t_1; there we use the first state
+    of a pass started at t (start max(t, t_1): the noise fill forwarded, q(x_t | I_in)),
+    our choice. [B, 3, H, W]; t [B]; start an int or [B]."""
+    start = torch.maximum(t, torch.as_tensor(start, device=t.device).expand_as(t))
+    x_start = diffusion.q_sample(condition, start, noise)  # 1. x_{t_1}
+    eps = diffusion.predict_eps_from_x0(x_start, start, images)  # 2. ε̃
+    return RefinementState(diffusion.q_sample(images, t, eps), eps)  # 3. x_t
 
 
 def combine_sets(x0_predictions: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -475,14 +519,14 @@ class DRDC(AnomalyMethod):
             "feature_stride": 16,
             "feature_resize": "area",
             "hidden_dim": 64,
-            "num_heads": 4,
+            "transformer_heads": 4,
             "encoder_layers": 2,
             "decoder_layers": 2,
             "ffn_dim": 128,
             "neighbor_size": 3,
             "train_grid_sizes": (1, 16),
             "train_max_timestep": 300,
-            "train_noise_fill_fraction": 1 / 3,  # the first of the 3 reverse steps below sees the noise fill
+            "train_start_timestep": 200,  # the first of the reverse steps below
             "base_channels": 8,  # a 128 px training step costs ~0.7 s CPU at 8, ~1.3 s at 16
             "channel_mult": (1, 2, 2, 4),
             "layers_per_block": 1,
@@ -516,7 +560,7 @@ class DRDC(AnomalyMethod):
             channels=self.feature_channels,
             size=config.feature_size,
             hidden_dim=config.hidden_dim,
-            num_heads=config.num_heads,
+            num_heads=config.transformer_heads,
             num_encoder_layers=config.encoder_layers,
             num_decoder_layers=config.decoder_layers,
             ffn_dim=config.ffn_dim,
@@ -530,6 +574,9 @@ class DRDC(AnomalyMethod):
             out_channels=IMAGE_CHANNELS,
         )
         self.diffusion = GaussianDiffusion(config.num_timesteps, config.beta_schedule)
+        if config.model_condition and config.timesteps[0] != config.train_start_timestep:
+            log.warning("DRDC: the refinement pass starts at t=%d but training imitated a pass from t=%d (train_start_timestep): "
+                        "its later states are off the training distribution", config.timesteps[0], config.train_start_timestep)
 
     def train(self, mode: bool = True) -> "DRDC":
         """The backbone is frozen: it stays in eval mode (BatchNorm statistics fixed)."""
@@ -570,44 +617,19 @@ class DRDC(AnomalyMethod):
         if config.model_condition:
             masks = random_training_masks(b, *images.shape[-2:], config.train_grid_sizes, config.train_num_sets, device)
             condition = noised_condition(images, masks, torch.randn_like(images))
-            noise_fill = torch.rand(b, device=device) < config.train_noise_fill_fraction
-            loss_diff = self.inpainting_loss(images, condition, masks, t, noise, noise_fill)
-        else:
-            loss_diff = F.mse_loss(self.unet(self.diffusion.q_sample(images, t, noise), t), noise)  # Eq. 8
+            loss_diff = self.inpainting_loss(images, condition, t, noise)
+        else:  # Table 5's "w/o model condition": the plain DDPM of Eq. 8
+            loss_diff = F.mse_loss(self.unet(self.diffusion.q_sample(images, t, noise), t), noise)
 
         total = loss_feat + loss_diff
         return Losses(total, {"L_feat": loss_feat.detach(), "L_diff": loss_diff.detach()})
 
-    def inpainting_loss(
-        self, images: torch.Tensor, condition: torch.Tensor, known_mask: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise_fill: torch.Tensor
-    ) -> torch.Tensor:
-        """L_diff = E‖ε - z_θ(x_t, I_in, t)‖² (DRDC Eq. 12), on the states inference feeds.
-
-        Notation: images = x (normal), condition = I_in, noise = ε, noise_fill [B] bool.
-
-        * noise_fill False (Eq. 12 as printed): x_t = √ᾱ_t x + √(1-ᾱ_t) ε, target ε. This
-          is the input of every reverse step after the first: the known region is
-          re-sampled from q(x_t | x_0) (Eqs. 13-15) and the masked one is the DDIM step
-          from the previous x̃_0, which approximates x.
-        * noise_fill True (the first reverse step, §4.2): x_t = √ᾱ_t I_in + √(1-ᾱ_t) ε,
-          the masked region forwarded from the noise fill. The heatmap (Eq. 11) compares
-          x̃_0^t (Eq. 9) with I_ori, so x̃_0^t must be the *normal* image there too: the
-          target is ε* = (x_t - √ᾱ_t x) / √(1-ᾱ_t) (ε on known pixels, on masked ones
-          ε + √(ᾱ_t/(1-ᾱ_t)) (n - x), only predictable by inpainting x). On the masked
-          pixels the squared error is weighted by (1 - ᾱ_t), i.e. it is ᾱ_t ‖x̃_0 - x‖²,
-          so that small t, where √(ᾱ_t/(1-ᾱ_t)) reaches ~100, do not dominate (our choice;
-          the paper does not train on this state explicitly).
-
-        Shapes [B, 3, H, W]; known_mask [B, 1, H, W]; t, noise_fill [B]."""
-        fill = noise_fill.view(-1, 1, 1, 1)
-        start = torch.where(fill, condition, images)  # what is forwarded to x_t
-        x_t = self.diffusion.q_sample(start, t, noise)
-        target = torch.where(fill, self.diffusion.predict_eps_from_x0(x_t, t, images), noise)  # ε* or ε
-        prediction = self.unet(torch.cat([x_t, condition], dim=1), t)
-        one_minus_alpha_bar = 1 - self.diffusion.alpha_bar(t, images.shape)
-        masked_weight = torch.where(fill, one_minus_alpha_bar, torch.ones_like(one_minus_alpha_bar))
-        weight = known_mask + (1 - known_mask) * masked_weight
-        return (weight * (prediction - target).pow(2)).mean()
+    def inpainting_loss(self, images: torch.Tensor, condition: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """L_diff = E‖ε̃ - z_θ(x_t, I_in, t)‖² (DRDC Eq. 12) on the states the refinement pass
+        visits (:func:`refinement_state`, started at ``train_start_timestep``), mean over
+        pixels. images = x, condition = I_in [B, 3, H, W]; t [B]; noise = ε [B, 3, H, W]."""
+        state = refinement_state(self.diffusion, images, condition, t, self.config.train_start_timestep, noise)
+        return F.mse_loss(self.unet(torch.cat([state.x_t, condition], dim=1), t), state.eps)
 
     def configure_optimizers(self) -> Optimizers:
         """AdamW with weight decay 1e-4 for both networks (§5); per-network learning rates."""

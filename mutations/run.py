@@ -17,12 +17,16 @@ Each ``mutations/<method>.yaml`` is a list of entries
 For each entry the repository's code (methods/, orchestrator/, tests/, search_spaces/,
 bench/, pyproject.toml, conftest files) is copied to a temporary folder, the replacement
 is applied there, and ``python -m pytest -x -q -p no:cacheprovider <tests>`` runs in that
-folder with this interpreter. The mutation is *caught* when pytest fails. The project is
+folder with this interpreter. The mutation is *caught* when a test fails (pytest exit 1);
+a run that times out, or that cannot import or collect the tests (exit 2 or 3: the
+mutation broke the code, no assertion judged it), is *not* caught. The project is
 installed in editable mode (a meta-path finder pointing at the checkout), so the copy is
 put first on PYTHONPATH and run from its own folder; a sanity check proves once that the
 copy is what gets imported (an unmutated copy imports from itself and passes the tests, a
-copy with a broken ``methods/__init__.py`` fails to import). Exit status 1 if any
-mutation survived, 2 on a malformed entry or a failed sanity check.
+copy with a broken ``methods/__init__.py`` fails to import). The last line reads
+"N caught, M survived, K timed out of T" (", E errored" added when a run could not import
+or collect). Exit status 1 if any mutation survived, timed out or errored, 2 on a malformed
+entry or a failed sanity check.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -63,12 +69,24 @@ class Mutation:
     source: str  # the YAML file it came from
 
 
+class Verdict(str, Enum):
+    """How a mutated copy's test run ended; only CAUGHT means a test assertion judged it."""
+
+    CAUGHT = "caught"  # pytest exit 1: a test failed
+    SURVIVED = "SURVIVED"  # pytest exit 0: every test passed on the mutated code
+    TIMEOUT = "TIMEOUT"  # killed after --timeout seconds: nothing was judged
+    ERROR = "ERROR"  # pytest exit 2/3: the tests could not be imported or collected
+
+
 @dataclass(frozen=True)
 class Outcome:
     mutation: Mutation
-    caught: bool
+    verdict: Verdict
     seconds: float
-    detail: str  # "tests failed", "timeout", "SURVIVED"
+
+    @property
+    def caught(self) -> bool:
+        return self.verdict is Verdict.CAUGHT
 
 
 def load(path: Path) -> list[Mutation]:
@@ -145,8 +163,11 @@ def run_mutation(mutation: Mutation, timeout: float) -> Outcome:
     if code in (4, 5):  # pytest usage error / no tests collected: the entry is broken, not caught
         raise MutationError(f"{mutation.source} entry {mutation.id!r}: pytest could not run {list(mutation.tests)} (exit {code}):\n{output}")
     if code is None:
-        return Outcome(mutation, True, seconds, "timeout")
-    return Outcome(mutation, code != 0, seconds, "caught" if code != 0 else "SURVIVED")
+        return Outcome(mutation, Verdict.TIMEOUT, seconds)
+    verdict = {0: Verdict.SURVIVED, 1: Verdict.CAUGHT}.get(code, Verdict.ERROR)
+    if verdict is Verdict.ERROR:
+        print(f"{mutation.id}: pytest exit {code} (import/collection error or internal error):\n{output}", file=sys.stderr)
+    return Outcome(mutation, verdict, seconds)
 
 
 def sanity_check(tests: tuple[str, ...], timeout: float) -> None:
@@ -179,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", help="run only mutations/<method>.yaml")
     parser.add_argument("--id", help="run only the entry with this id")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="mutations run in parallel (default 1)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300); a timeout counts as caught")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300); a timeout is not caught")
     parser.add_argument("--no-sanity", action="store_true", help="skip the one-off check that the copy is what gets imported")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -207,14 +228,21 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for outcome in pool.map(lambda m: run_mutation(m, args.timeout), mutations):
                 m = outcome.mutation
-                print(f"{m.id:<32} {outcome.detail:<8} {outcome.seconds:6.1f}s  {m.file}: {m.why}", flush=True)
+                print(f"{m.id:<32} {outcome.verdict.value:<8} {outcome.seconds:6.1f}s  {m.file}: {m.why}", flush=True)
                 outcomes.append(outcome)
     except MutationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    caught = sum(o.caught for o in outcomes)
-    print(f"{caught} of {len(outcomes)} mutations caught")
-    return 0 if caught == len(outcomes) else 1
+    print(summary(outcomes))
+    return 0 if all(o.caught for o in outcomes) else 1
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    """"N caught, M survived, K timed out of T" (+ ", E errored" when any did)."""
+    count = Counter(o.verdict for o in outcomes)
+    errored = f", {count[Verdict.ERROR]} errored" if count[Verdict.ERROR] else ""
+    return (f"{count[Verdict.CAUGHT]} caught, {count[Verdict.SURVIVED]} survived, {count[Verdict.TIMEOUT]} timed out{errored} "
+            f"of {len(outcomes)}")
 
 
 if __name__ == "__main__":

@@ -266,3 +266,31 @@ def test_segmentation_lr_follows_the_official_cosine():
     assert seg_lr[10] == pytest.approx(0.0, abs=1e-15) and seg_lr[20] == pytest.approx(1e-5)
     constant = DiffusionAD(tiny(segmentation_schedule=SegmentationSchedule.CONSTANT)).configure_optimizers()
     assert constant.scheduler is None
+
+
+def test_respaced_ancestral_step_is_the_ddpm_posterior_of_the_respaced_chain():
+    """Iterative paradigm with fewer steps than timesteps (t = 40, 20, 0): each step draws
+    x_{t'} ~ q(x_{t'} | x_t, x̂_0) of the chain respaced to ᾱ_40, ᾱ_20 (DDPM Eqs. 6-7 with
+    β' = 1 - ᾱ_t/ᾱ_{t'}), i.e. fresh noise of variance β'(1-ᾱ_{t'})/(1-ᾱ_t): DDIM η = 1, not η = 0."""
+    model = DiffusionAD(tiny(paradigm="iterative", paradigm_steps=3, t_single=40))
+    g = torch.Generator().manual_seed(0)
+    images, x_ref = (torch.rand(2, 3, 16, 16, generator=g) * 1.6 - 0.8 for _ in range(2))
+    draws = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(3)]
+    seen = []
+
+    def oracle(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # predicts x̂_0 = x_ref
+        seen.append((x_t.clone(), t.clone()))
+        a = torch.tensor([hand_alpha_bar(int(s)) for s in t]).view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * x_ref) / (1 - a).sqrt()
+
+    model._eps = oracle
+    pending = list(draws)
+    out = model.reconstruct_single_scale(images, diffusionad.Paradigm.ITERATIVE, 40, 3, lambda shape: pending.pop(0))
+    assert [int(t[0]) for _, t in seen] == [40, 20, 0]
+    a_t, a_p = hand_alpha_bar(40), hand_alpha_bar(20)
+    beta = 1 - a_t / a_p
+    x_40 = math.sqrt(a_t) * images + math.sqrt(1 - a_t) * draws[0]
+    mean = math.sqrt(a_p) * beta / (1 - a_t) * x_ref + math.sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * x_40
+    expected = mean + math.sqrt(beta * (1 - a_p) / (1 - a_t)) * draws[1]
+    torch.testing.assert_close(seen[1][0], expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, x_ref, atol=1e-4, rtol=0)

@@ -25,6 +25,7 @@ from methods.drdc import (
     mean_filter,
     noised_condition,
     random_training_masks,
+    refinement_state,
     replace_known_region,
     spatiotemporal_heatmap,
 )
@@ -67,8 +68,8 @@ def tiny_factory(name):
 
 
 TINY = dict(
-    image_size=32, epochs=1, batch_size=4, num_categories=3, backbone="efficientnet_lite0", feature_stride=8, hidden_dim=16, num_heads=2,
-    encoder_layers=1, decoder_layers=1, ffn_dim=32, neighbor_size=1, train_grid_sizes=(1, 8), train_max_timestep=300,
+    image_size=32, epochs=1, batch_size=4, num_categories=3, backbone="efficientnet_lite0", feature_stride=8, hidden_dim=16, transformer_heads=2,
+    encoder_layers=1, decoder_layers=1, ffn_dim=32, neighbor_size=1, train_grid_sizes=(1, 8), train_max_timestep=300, train_start_timestep=200,
     base_channels=8, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(), head_channels=8,
     norm_groups=4, timesteps=(200, 100, 0), grid_sizes=(1, 8), scales=(1, 2), mean_filter_size=5, score_pool_size=4,
 )
@@ -347,7 +348,7 @@ def test_paper_defaults_match_section_5():
     assert c.timesteps == (250, 200, 150, 100, 50, 0) and c.grid_sizes == (1, 16, 32) and c.scales == (1, 2, 4, 8)
     assert (c.gamma, c.num_sets, c.mean_filter_size, c.num_timesteps, c.weight_decay) == (0.9, 2, 41, 1000, 1e-4)
     assert c.model_condition and c.test_time_condition and c.fusion is Fusion.SPATIOTEMPORAL and not c.multiscale_base
-    assert c.train_noise_fill_fraction == 0.0  # Eq. 12 as printed: x_t ~ q(x_t | x_0) of the normal image
+    assert c.train_start_timestep == c.timesteps[0] == 250  # Eq. 12 states imitate the §5 pass (refinement_state)
 
 
 def test_inference_only_fields_do_not_change_the_training_fingerprint():
@@ -375,7 +376,8 @@ def test_inference_only_fields_do_not_change_the_training_fingerprint():
         ({"feature_stride": 10}, "feature_stride"),
         ({"crop_size": 300}, "crop_size"),
         ({"train_max_timestep": 1000}, "train_max_timestep"),
-        ({"train_noise_fill_fraction": 1.5}, "train_noise_fill_fraction"),
+        ({"train_start_timestep": 1000}, "train_start_timestep"),
+        ({"hidden_dim": 20, "transformer_heads": 8}, "transformer_heads"),
         ({"backbone": "resnet18"}, "backbone"),
         ({"backbone_stages": (1, 6)}, "backbone_stages"),
         ({"backbone_stages": (3, 2)}, "backbone_stages"),
@@ -488,20 +490,38 @@ def test_fusion_modes_select_timesteps_and_scales():
 
 
 def test_inpainting_loss_targets_the_normal_image_through_eq9():
-    """Eq. 12 as trained: x_t forwards I_in; a network whose ε makes x̃_0 (Eq. 9) equal
-    the normal image has zero loss, and on known pixels the target is plain ε."""
+    """Eq. 12 as trained: a network whose ε makes x̃_0 (Eq. 9) equal the normal image
+    has zero loss, and on known pixels the target is plain ε."""
     model = tiny_model()
     images = batch(2).images
     known = torch.ones(2, 1, 32, 32)
     known[:, :, :16] = 0
     fill, noise = torch.randn_like(images), torch.randn_like(images)
     condition = noised_condition(images, known, fill)
-    t = torch.tensor([5, 200])
-    x_t = model.diffusion.q_sample(condition, t, noise)
-    target = model.diffusion.predict_eps_from_x0(x_t, t, images)
-    assert torch.allclose((known * target), known * noise, atol=1e-4)
-    assert torch.allclose(model.diffusion.predict_x0_from_eps(x_t, t, target), images, atol=1e-3)
-    model.unet.forward = lambda x, t_: target  # the ideal inpainter
-    assert model.inpainting_loss(images, condition, known, t, noise, torch.tensor([True, True])).item() < 1e-8
-    model.unet.forward = lambda x, t_: noise  # on the forward state of x (Eq. 12 as printed) ε is the target
-    assert model.inpainting_loss(images, condition, known, t, noise, torch.tensor([False, False])).item() < 1e-12
+    t = torch.tensor([5, 250])
+    state = refinement_state(model.diffusion, images, condition, t, model.config.train_start_timestep, noise)
+    assert torch.allclose(known * state.eps, known * noise, atol=1e-4)
+    assert torch.allclose(model.diffusion.predict_x0_from_eps(state.x_t, t, state.eps), images, atol=1e-3)
+    model.unet.forward = lambda x, t_: state.eps  # the ideal inpainter
+    assert model.inpainting_loss(images, condition, t, noise).item() < 1e-8
+
+
+def _attention_heads(module: nn.Module) -> list[int]:
+    from diffusers.models.attention_processor import Attention
+
+    return [m.heads for m in module.modules() if isinstance(m, Attention)] + [m.num_heads for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def test_unet_and_transformer_heads_are_set_apart():
+    """The UNet's heads come from head_channels (as MDPS and DiffusionAD read theirs); the
+    transformer's from transformer_heads: changing one network's leaves the other as is."""
+    images, t = torch.randn(1, 6, 32, 32), torch.tensor([100])
+    reference = tiny_model(transformer_heads=1)
+    for heads in (2, 4):
+        other = tiny_model(transformer_heads=heads)
+        assert _attention_heads(other.unet) == _attention_heads(reference.unet) == [2]  # 16-wide middle block / 8-wide heads
+        assert torch.equal(other.unet(images, t), reference.unet(images, t))
+        assert set(_attention_heads(other.reconstructor)) == {heads}
+    narrow = tiny_model(transformer_heads=1, head_channels=4)
+    assert _attention_heads(narrow.unet) == [4]
+    assert _attention_heads(narrow.reconstructor) == _attention_heads(reference.reconstructor)

@@ -7,6 +7,9 @@ mutations/mdps.yaml lists source mutations these tests must catch.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,7 @@ from methods.mdps import (
     DifferenceTerms,
     MDPSConfig,
     anomaly_mask,
+    per_element_weight_decay,
     pixel_weight_from_maps,
     prior_loss,
 )
@@ -93,6 +97,66 @@ def test_training_step_regresses_the_noise_of_eq5() -> None:
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def _step(m: MDPS, optimizer: torch.optim.Optimizer, images: torch.Tensor, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """One training step (loss x ``scale``) with the Eq. 5 draws seeded; returns the loss gradient."""
+    torch.manual_seed(seed)
+    loss = scale * m(TrainBatch(images, images[:, :1], images, torch.zeros(len(images), dtype=torch.long))).total
+    optimizer.zero_grad()
+    loss.backward()
+    gradient = torch.cat([p.grad.flatten() for p in m.unet.parameters()])
+    optimizer.step()
+    return gradient
+
+
+def test_coupled_decay_on_the_summed_loss_is_a_per_element_decay_on_the_mean() -> None:
+    """§5 / authors' code: torch.optim.Adam(weight_decay=wd) adds wd·θ to ∇ of the summed
+    Eq. 5 loss. Adam ignores the scale of the whole gradient, so training is exactly Adam
+    on the per-element mean loss with decay wd/(C·H·W) (eps scaled alike)."""
+    m = model(weight_decay=0.05)
+    twin = copy.deepcopy(m)
+    optimizer = m.configure_optimizers().optimizer
+    assert type(optimizer) is torch.optim.Adam and not optimizer.defaults.get("decoupled_weight_decay", False)
+    assert optimizer.defaults["weight_decay"] == 0.05
+    n = 3 * 16 * 16
+    twin_optimizer = torch.optim.Adam(
+        twin.unet.parameters(), lr=optimizer.defaults["lr"], eps=optimizer.defaults["eps"] / n, weight_decay=per_element_weight_decay(0.05, (3, 16, 16))
+    )
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for seed in range(3):
+        _step(m, optimizer, images, seed)
+        _step(twin, twin_optimizer, images, seed, scale=1 / n)
+    for a, b in zip(m.unet.parameters(), twin.unet.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_paper_weight_decay_is_nearly_none_at_paper_size() -> None:
+    """What the paper preset does: at 3·224² the decay term 0.05·θ is ~1e-5 of the summed
+    loss gradient (per element 0.05/150528 ≈ 3.3e-7); only a per-element mean loss would
+    make 5e-2 a real decay (the term would be of the gradient's order)."""
+    paper = MDPSConfig()
+    assert (paper.weight_decay, paper.input_size) == (0.05, 224)
+    assert per_element_weight_decay(paper.weight_decay, (3, 224, 224)) == pytest.approx(3.32e-7, rel=1e-2)
+    small_unet = dict(base_channels=8, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(), norm_groups=4, head_channels=8, metric="pixel")
+    torch.manual_seed(0)
+    m = MDPS(dataclasses.replace(paper, **small_unet))
+    images = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gradient = _step(m, torch.optim.SGD(m.unet.parameters(), lr=0.0), images, 0)
+    decay = paper.weight_decay * torch.cat([p.detach().flatten() for p in m.unet.parameters()])
+    assert decay.norm() / gradient.norm() < 1e-4  # measured 5e-6
+    assert decay.norm() / (gradient.norm() / (3 * 224 * 224)) > 0.1  # with the mean loss: ~0.8
+
+
+def test_smoke_preset_keeps_the_paper_per_element_decay() -> None:
+    """The smoke preset trains the paper's objective: its decay per element of the summed
+    loss equals the paper preset's (0.05 at 3·224² is 0.05·(64/224)² at 3·64²)."""
+    from orchestrator.config import resolve_method_config
+
+    paper, smoke = resolve_method_config("mdps", "paper"), resolve_method_config("mdps", "smoke")
+    shape = lambda c: (3, c.input_size, c.input_size)  # noqa: E731
+    assert smoke.input_size == 64
+    assert per_element_weight_decay(smoke.weight_decay, shape(smoke)) == pytest.approx(per_element_weight_decay(paper.weight_decay, shape(paper)), rel=1e-6)
+
+
 # ---------------------------------------------------------------------------- Eq. 18 η
 
 
@@ -137,6 +201,19 @@ def test_calibrate_takes_eq20_min_max_of_the_validation_maps(monkeypatch) -> Non
     assert maps.min().item() == pytest.approx(0.1) and maps.max().item() == pytest.approx(5.6)
     assert m.threshold_low.item() == pytest.approx(0.1)  # over all validation maps, not one image's
     assert m.threshold_high.item() == pytest.approx(5.6)
+
+
+def test_calibration_takes_min_max_of_the_blurred_maps(monkeypatch) -> None:
+    """Eq. 20 cuts the σ-blurred D̄ of the test image (score_map), so its min/max come from
+    the validation maps blurred alike, not from the raw ones."""
+    from methods.scoring import gaussian_blur
+
+    m, _ = calibrated(monkeypatch, blur_sigma=1.0)
+    raw = 7 * 0.8 / 4.0 * FIRST_PASS.pixel + FIRST_PASS.perceptual
+    blurred = gaussian_blur(raw, 1.0)
+    assert blurred.max() < raw.max() - 1 and blurred.min() > raw.min() + 1  # the blur moves both ends
+    assert m.threshold_low.item() == pytest.approx(blurred.min().item())
+    assert m.threshold_high.item() == pytest.approx(blurred.max().item())
 
 
 def test_a_fixed_pixel_weight_is_used_as_given(monkeypatch) -> None:
