@@ -13,7 +13,7 @@ LOCK_TOOLS := .venv-lock
 PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet --strip-extras \
 	--allow-unsafe --no-emit-index-url --no-emit-find-links $(LOCK_ARGS)
 
-.PHONY: run test test-long test-fast bench paper-scale generality selection mutation gpu-wheels lock lint-docker clean
+.PHONY: run test test-long test-fast bench paper-scale generality selection tables mutation gpu-wheels lock lint-docker clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,15 +67,19 @@ bench: $(STAMP)
 	$(PY) -m bench.cluster_schedule
 
 # Every method on the frozen generality set (defects no method trains or selects on), 3 training
-# seeds: first each preset as it is, then the setting each method's validation split chooses
-# among bench/generality.py's GRIDS; about three hours on 2 cores. Not part of `make test` or `make bench`.
+# seeds: each preset as it is and the setting its validation split chooses among
+# bench/generality.py's GRIDS, in one run; hours on 2 cores. Not part of `make test` or `make bench`.
 generality: $(STAMP)
 	$(PY) -m bench.generality
-	$(PY) -m bench.generality --select
 
-# Does validation rank configurations as the test does (λ grid, steps x 3 seeds)? ~1-2 h on 2 cores.
+# Does validation rank configurations as the test does (8 λ x 5 seeds, 6 step counts x 5 seeds)? ~1.5 h on 2 cores.
 selection: $(STAMP)
 	$(PY) -m bench.selection
+
+# The measured tables in README.md and docs/ rewritten from bench/results/*.json (each written by
+# its benchmark); tests/test_tables.py fails when a table and its results file disagree.
+tables: $(STAMP)
+	$(PY) -m bench.tables
 
 # Every method at scale=paper on this CPU: parameters, one training step, one minimal inference.
 paper-scale: $(STAMP)

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         a = result["agreement"][result["chosen"]]
         print(f"{axis}: the rule chose val_{result['chosen']} (signal/noise "
               + ", ".join(f"{m} {r:.2f}" for m, r in result["signal_to_noise"].items()) + ")")
-        print(f"  held-out seeds: τ per seed " + ", ".join(f"{s}: {t:+.2f}" for s, t in a["tau_per_seed"].items())
+        print("  held-out seeds: τ per seed " + ", ".join(f"{s}: {t:+.2f}" for s, t in a["tau_per_seed"].items())
               + f"; pooled {a['tau_pooled']:+.2f}, p = {a['p_value']:.4f}, 95 % interval {a['interval']}")
     out["seconds"] = round(time.perf_counter() - start)
     args.out.parent.mkdir(parents=True, exist_ok=True)

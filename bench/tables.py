@@ -78,7 +78,81 @@ def head_memory() -> str:
                     f"{need['16']} GiB, 64 GPUs {need['64']} GiB.\n")
 
 
-RENDERERS: dict[str, Callable[[], str]] = {"cluster_schedule": cluster_schedule, "head_memory": head_memory}
+def make_run() -> str:
+    r = load("make_run")
+    body = [[row["Condition"], row["Synthetic Det."], row["Synthetic Loc."], row["Synthetic val"], row["Synthetic img/s"]] for row in r["rows"]]
+    return (rows(["Condition", "Det.", "Loc.", "val (pixel AP)", "img/s"], body)
+            + f"\n`{r['command']}` from empty storage: {r['seconds'] // 60} min {r['seconds'] % 60} s ({r['machine']}, {r['measured_on']}).\n")
+
+
+def learning() -> str:
+    r = load("learning")
+    body = []
+    for method, m in r["methods"].items():
+        seeds = m["seeds"]
+        others = [seeds[s]["test_image_auroc"] for s in seeds if s != "0"]
+        body.append([method, "+".join(m["categories"]), f"{seeds['0']['test_image_auroc']:.3f} / {seeds['0']['test_pixel_auroc']:.3f}",
+                     f"{m['bounds']['test_image_auroc']:.2f} / {m['bounds']['test_pixel_auroc']:.2f}",
+                     f"{m['spread']['test_image_auroc']['mean']:.3f} ± {m['spread']['test_image_auroc']['std']:.3f} "
+                     f"(min {min(others):.3f})"])
+    return rows(["method", "category (chosen on validation, seed 1)", "seed 0: test image / pixel AUROC", "bound (image / pixel)",
+                 "seeds 1-4: test image AUROC, mean ± std"], body)
+
+
+def selection() -> str:
+    r = load("selection")
+    out = []
+    for axis, a in sorted(r["axes"].items()):
+        chosen = a["chosen"]
+        body = []
+        for metric, g in a["agreement"].items():
+            interval = f"[{g['interval'][0]:+.2f}, {g['interval'][1]:+.2f}]" if g["interval"] else "n/a"
+            body.append([("**val_" + metric + "** (the rule's)") if metric == chosen else "val_" + metric, f"{a['signal_to_noise'][metric]:.2f}",
+                         ", ".join(f"{t:+.2f}" for t in g["tau_per_seed"].values()), f"{g['tau_pooled']:+.2f} {interval}", f"{g['p_value']:.4f}",
+                         ", ".join(f"{100 * x:.1f}" for x in g["regret_per_seed"].values())])
+        out.append(f"**{axis}** (`{a['field']}` in {a['values']}; {len(a['values'])} configurations x {len(r['seeds'])} seeds):\n\n"
+                   + rows(["selection metric", "signal / noise (seeds 0, 1)", "τ per held-out seed (2, 3, 4)",
+                           "τ pooled [95 % interval]", "p (permutation)", "test regret, points (seeds 2, 3, 4)"], body) + "\n")
+    return "".join(out)
+
+
+def selection_rows() -> str:
+    """Every configuration's validation and test value of the rule's metric, per seed."""
+    r = load("selection")
+    out = []
+    for axis, a in sorted(r["axes"].items()):
+        m = a["chosen"]
+        body = [[f"{a['field']}={row['value']}", str(row["seed"]), f"{row['val'][m]:.4f}", f"{row['test'][m]:.4f}",
+                 f"{row['test']['image_auroc']:.4f}"] for row in a["rows"]]
+        out.append(f"{axis}:\n\n" + rows(["configuration", "seed", f"val {m}", f"test {m}", "test image_auroc"], body) + "\n")
+    return "".join(out)
+
+
+def generality() -> str:
+    r = load("generality")
+
+    def over_seeds(per_category: dict[str, list[float]]) -> str:
+        means = [sum(v) / len(v) for v in zip(*per_category.values())]  # mean over categories, per seed
+        mean = sum(means) / len(means)
+        std = (sum((x - mean) ** 2 for x in means) / (len(means) - 1)) ** 0.5 if len(means) > 1 else 0.0
+        return f"{mean:.3f} ± {std:.3f}" + (" ✓" if mean >= r["bound"] else "")
+
+    body = []
+    for method, m in r["methods"].items():
+        best = m["selected"]
+        chosen = json.dumps(m["candidates"][best]) if m["candidates"][best] else "the preset"
+        body.append([method, over_seeds(m["preset_test_image_auroc"]), f"`{chosen}` (validation {m['val_means'][0]:.3f} -> {m['val_means'][best]:.3f})",
+                     over_seeds(m["chosen_test_image_auroc"]),
+                     ", ".join(f"{c} {sum(v) / len(v):.3f}" for c, v in m["preset_test_image_auroc"].items())])
+    seeds = next(iter(r["methods"].values()))["seeds"] if r["methods"] else 0
+    return (rows(["method", "preset: test image AUROC", "chosen on validation", "chosen: test image AUROC", "preset, per category"], body)
+            + f"\nGenerality set {r['version']} ({', '.join(r['categories'])}; defects {', '.join(r['defects'])}); mean ± std over "
+              f"{seeds} training seeds; ✓: the mean reaches {r['bound']}.\n")
+
+
+RENDERERS: dict[str, Callable[[], str]] = {"cluster_schedule": cluster_schedule, "head_memory": head_memory, "make_run": make_run,
+                                           "learning": learning, "selection": selection, "selection_rows": selection_rows,
+                                           "generality": generality}
 
 
 # ---------------------------------------------------------------------------------- main

@@ -56,7 +56,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods.backbones import backbone_strides
 from methods.base import AnomalyMethod, BackboneFactory, Losses, MethodConfig, Prediction, TrainBatch, check, infer_field, train_field

@@ -92,6 +92,7 @@ class Settings:
     eval_batch_size: int = 16  # images per predict() call
     latency_images: int = 4  # images timed one at a time for batch-1 latency
     sample_maps: int = 4  # anomaly-map PNGs logged per trial
+    tracking_wait_s: float = 900.0  # at the sweep's end, how long to wait for an unreachable MLflow to replay its spooled writes
     dry_run: bool = False  # print the plan (trials, trainings, resources, targets) and exit before Ray starts
     help: bool = False  # print the ablations and keys, then exit
 
@@ -208,6 +209,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "eval_batch_size": (lambda v: v >= 1, ">= 1"),
     "latency_images": (lambda v: v >= 1, ">= 1"),
     "sample_maps": (lambda v: v >= 0, ">= 0 (0 = none)"),
+    "tracking_wait_s": (lambda v: v >= 0, ">= 0 seconds"),
 }
 
 

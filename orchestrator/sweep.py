@@ -178,9 +178,13 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
     schedule_file = f"artifacts/{sweep_name}/schedule.json"
     storage.write_text(schedule_file, json.dumps([dataclasses.asdict(r) for r in outcome.records]))
 
-    # 6. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable
+    # 6. summary: an interrupted sweep (Ctrl-C or SIGTERM: Tune saved its state) is resumable.
+    # Writes MLflow could not take during an outage are replayed first (waiting a while for it).
     writer = parent.writer
-    reachable = writer.flush(timeout=600) and not writer.down
+    if writer.down:
+        log.warning("MLflow at %s is not answering; waiting up to %.0f s to replay %d spooled writes",
+                    redact_uri(uri), s.tracking_wait_s, writer.spooled - writer.replayed)
+    reachable = writer.drain(timeout=s.tracking_wait_s)
     states = dict(recorder.states)
     if reachable and any(o.trial_id not in states for o in outcomes):  # trials a resumed sweep finished before
         states = {**parent.trial_states(), **states}
@@ -200,7 +204,7 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
           f"{spent.total_hours:.3f} {unit}-hours")
     for o in failed:
         print(f"  failed trial {o.path}: {o.error}")
-    if not (writer.flush(timeout=600) and not writer.down):
+    if not writer.drain(timeout=s.tracking_wait_s if reachable else 0):
         print(f"MLflow at {redact_uri(uri)} is not answering: {writer.spooled - writer.replayed} writes wait in "
               f"{storage.join(writer.spool_rel)}; `resume=true` replays them, then `python -m orchestrator.report` writes the report")
         return close_tracking(summary, writer, parent)
@@ -223,7 +227,7 @@ def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name:
 def close_tracking(summary: dict[str, Any], writer, parent) -> dict[str, Any]:
     """Wait for the sweep's MLflow writes (written, or kept in the spool) and say what an
     outage cost: writes spooled, replayed, refused."""
-    writer.flush(timeout=600)
+    writer.flush(timeout=600)  # what is still queued is written, or spooled for a later replay
     summary.update(parent_run_id=parent.run_id, mlflow_spooled=writer.spooled, mlflow_replayed=writer.replayed,
                    mlflow_refused=writer.dead)
     if writer.spooled:

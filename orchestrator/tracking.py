@@ -246,6 +246,17 @@ class Writer:
                 self._lock.wait(remaining if remaining is not None else 1.0)
         return True
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until every write has reached MLflow: queued ones written and the spool
+        replayed (the thread probes an unreachable server every ``probe_s``); False when
+        MLflow is still out after ``timeout`` seconds (the spool keeps what is left)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.flush(timeout=max(0.0, deadline - time.monotonic())) and not self.down:
+                return True
+            time.sleep(1.0)
+        return self.flush(timeout=0) and not self.down
+
     def close(self, timeout: float | None = None) -> bool:
         done = self.flush(timeout)
         self._queue.put(None)

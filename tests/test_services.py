@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from orchestrator import tracking
+from orchestrator.storage import Storage
 
 pytestmark = pytest.mark.long
 

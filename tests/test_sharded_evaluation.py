@@ -4,6 +4,7 @@ another evaluates. Two real processes joined by torch.distributed (gloo), as Ray
 workers are; no Ray here (the sweep-level test is in tests/test_faults.py)."""
 
 import dataclasses
+import socket
 
 import numpy as np
 import pytest
@@ -24,6 +25,12 @@ METHOD, OVERRIDES = "mdps", {"steps": 2, "num_samples": 1, "mask_num_samples": 1
 SETTINGS = EvaluationSettings(batch_size=8, seed=3, latency_images=3, sample_maps=0)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def setup(cache_dir):
     config = resolve_method_config(METHOD, "smoke", OVERRIDES)
     torch.manual_seed(0)
@@ -41,6 +48,9 @@ def rank_main(rank: int, world: int, init: str, cache_dir: str, out: str) -> Non
     maps = predict_split(model, test.test_images, 0, SETTINGS.batch_size, SETTINGS.seed, torch.device("cpu"), shard=Shard(rank, world))
     if rank == 0:
         torch.save({"evaluation": dataclasses.asdict(evaluation), "maps": maps.maps, "scores": maps.scores}, out)
+    # Both ranks leave together: a rank that tears gloo down while its peer is still in a
+    # collective aborts the peer ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -54,7 +64,7 @@ def test_two_ranks_give_the_single_rank_metrics(cache_dir, tmp_path):
     finally:
         torch.set_num_threads(threads)
     out = tmp_path / "rank0.pt"
-    mp.spawn(rank_main, args=(2, f"file://{tmp_path / 'rendezvous'}", str(cache_dir), str(out)), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(2, f"tcp://127.0.0.1:{free_port()}", str(cache_dir), str(out)), nprocs=2, join=True)
     sharded = torch.load(out, weights_only=False)
     np.testing.assert_allclose(sharded["maps"], alone.maps, atol=1e-6)
     np.testing.assert_allclose(sharded["scores"], alone.scores, atol=1e-6)

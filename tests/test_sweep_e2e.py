@@ -7,7 +7,6 @@ final-mask rows) is interrupted with Ctrl-C after its first finished trial and r
 with resume=true: only the missing trials run, into the same MLflow runs.
 """
 
-import json
 import os
 import signal
 import subprocess
