@@ -94,6 +94,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     f = schedule.figures(records, "slot", args.slots)
     return {"slots": args.slots, "categories": args.categories, "trials": args.trials, "train_s": args.train_s,
             "eval_s": args.eval_s, "max_concurrent": summary["max_concurrent"], **figure_dict(f),
+            # what else ran on the machine: start-up is CPU-bound (process starts, imports)
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
             "per_slot": per_slot(records)}
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from methods import METHODS, get_method
-from orchestrator.training import run_local
+from orchestrator.local import run_local
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learning.json"
 CATEGORIES = ("brick", "gravel", "washer")

@@ -57,7 +57,7 @@ def makespan(durations: list[float], slots: int) -> float:
 
 def bare_runs(epochs: int, cache_dir: Path) -> tuple[list[float], list[float]]:
     """Wall seconds of each bare trial (training + evaluation), and its training seconds."""
-    from orchestrator.training import run_local
+    from orchestrator.local import run_local
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a trial with trial.cpus=1 gets one thread (OMP_NUM_THREADS=1 in Ray workers)

@@ -20,11 +20,9 @@ import dataclasses
 import difflib
 import functools
 import json
-import os
 import urllib.parse
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from omegaconf import OmegaConf
@@ -33,16 +31,13 @@ from omegaconf.errors import OmegaConfBaseException
 from methods import METHODS, get_method
 from methods.base import field_docs
 from orchestrator.errors import ConfigError
+from orchestrator.paths import default_cache_dir
 
-if TYPE_CHECKING:  # imported lazily at run time: the CLIs parse arguments before importing torch
+if TYPE_CHECKING:  # imported where used: the data stack (numpy, PIL, scikit-image) loads only when a sweep runs
     from orchestrator.data import DataSpec
     from orchestrator.training import EvaluationSettings
 
 SCALES = ("smoke", "paper")
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("DIFFAD_CACHE", str(Path.home() / ".cache" / "diffad_orchestrator"))
 
 
 @dataclass

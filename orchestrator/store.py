@@ -37,7 +37,7 @@ import torch
 
 from methods import METHODS
 from methods.base import MethodConfig, config_fingerprint, training_fields
-from orchestrator.config import default_cache_dir
+from orchestrator.paths import default_cache_dir
 from orchestrator.data import DataSpec
 from orchestrator.data.registry import get_adapter
 from orchestrator.errors import ConfigError

@@ -2,7 +2,7 @@
 
 :func:`fit` is the one training loop: the Ray Train worker (orchestrator/ray_backend.py,
 which adds DDP, checkpoints and reporting through ``on_epoch_end``), the in-process
-:func:`run_local` (learning tests, quick experiments) and the benchmarks all run it.
+:func:`train_local` (orchestrator/local.py's run_local, learning tests, benchmarks) all run it.
 :func:`evaluate_model` is the one evaluation: validation and test metrics, batched
 throughput, batch-1 latency and sample maps, as a typed :class:`ModelEvaluation`.
 """
@@ -288,16 +288,7 @@ def evaluate_model(model: AnomalyMethod, datas: Sequence[CategoryData], settings
                            train_seconds=train_seconds)
 
 
-# ------------------------------------------------------------------------- in-process run
-
-
-@dataclass
-class LocalResult:
-    val: dict[str, metric_fns.Metrics]
-    test: dict[str, metric_fns.Metrics]
-    train_seconds: float
-    predict_seconds: float
-    models: dict[str, AnomalyMethod]  # category (or "+"-joined categories) -> trained model
+# ------------------------------------------------------------------------- in-process training
 
 
 def model_groups(method_cls: type[AnomalyMethod], categories: Sequence[str]) -> tuple[tuple[str, ...], ...]:
@@ -316,47 +307,3 @@ def train_local(method: str, config: MethodConfig, data: DataSpec, categories: S
     model = build_model(method, config, backbone_factory or default_backbone_factory).to(device)
     seconds = fit(model, model.configure_optimizers(), training_data(datas, textures), config, train_seed, device, progress=progress)
     return model, datas, seconds
-
-
-def run_local(
-    method: str,
-    categories: Sequence[str],
-    *,
-    scale: str = "smoke",
-    overrides: dict[str, Any] | None = None,
-    dataset: str = "synthetic",
-    cache_dir: str | Path,
-    data_root: str | Path | None = None,
-    seed: int = 0,
-    train_seed: int | None = None,
-    val_fraction: float = 0.2,
-    eval_batch_size: int = 16,
-    backbone_factory: BackboneFactory | None = None,
-    progress: bool = False,
-) -> LocalResult:
-    """Train and evaluate in this process (no Ray, no MLflow): one model per category,
-    or one over all categories for multi-class methods. Seeded end to end: ``seed`` draws the
-    validation split, ``train_seed`` (default ``seed``) the initialisation, batches and noise,
-    as a sweep's ``seeds=N`` repeats do."""
-    from orchestrator.config import resolve_method_config
-
-    cls = get_method(method)
-    data = DataSpec(dataset, str(data_root) if data_root else None, str(cache_dir), val_fraction, seed)
-    device = torch.device("cpu")
-    val: dict[str, metric_fns.Metrics] = {}
-    test: dict[str, metric_fns.Metrics] = {}
-    models: dict[str, AnomalyMethod] = {}
-    train_seconds = predict_seconds = 0.0
-    train_seed = seed if train_seed is None else train_seed
-    for group in model_groups(cls, categories):
-        config = resolve_method_config(method, scale, cls.category_overrides(group), overrides or {})
-        model, datas, seconds = train_local(method, config, data, group, train_seed, device, backbone_factory, progress)
-        train_seconds += seconds
-        for position, d in enumerate(datas):
-            calibrate_on_validation_normals(model, d, position, device)
-            val[d.category] = evaluate_split(model, d.val_images, d.val_masks, d.val_labels, position, eval_batch_size, train_seed, device).metrics
-            result = evaluate_split(model, d.test_images, d.test_masks, d.test_labels, position, eval_batch_size, train_seed, device)
-            test[d.category] = result.metrics
-            predict_seconds += result.prediction.seconds
-        models["+".join(group)] = model
-    return LocalResult(val, test, train_seconds, predict_seconds, models)

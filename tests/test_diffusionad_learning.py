@@ -20,7 +20,7 @@ and evaluation (about 2 minutes on 2 idle cores; measured wall times on the shar
 import pytest
 
 from orchestrator.data import list_categories
-from orchestrator.training import run_local
+from orchestrator.local import run_local
 
 CATEGORY = "brick"  # the synthetic category DiffusionAD learns best at smoke scale
 

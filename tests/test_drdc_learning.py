@@ -17,7 +17,7 @@ on 2 idle cores. The first pass (64 px, bilinear F_in, γ = 0.9) gave 0.74.
 import pytest
 
 from orchestrator.data import list_categories
-from orchestrator.training import run_local
+from orchestrator.local import run_local
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ test images and localise the defects. About 2-3 minutes on 2 CPU cores.
 import pytest
 
 from orchestrator.data import list_categories
-from orchestrator.training import run_local
+from orchestrator.local import run_local
 
 CATEGORY = "washer"
 

@@ -200,7 +200,7 @@ def test_model_key_covers_the_bank_recipe_and_the_backbone_file_but_not_scoring(
 @pytest.mark.slow
 def test_patchcore_smoke_detects_and_localises_synthetic_defects(cache_dir):
     """ImageNet features, no training: the floor every diffusion method must beat. ~20 s."""
-    from orchestrator.training import run_local
+    from orchestrator.local import run_local
 
     result = run_local(method="patchcore", categories=["washer"], scale="smoke", dataset="synthetic", cache_dir=cache_dir, seed=0)
     test = result.test["washer"]

@@ -16,7 +16,7 @@ CATEGORY = "washer"  # the synthetic category TransFusion learns best at smoke s
 @pytest.mark.slow
 def test_transfusion_learns_synthetic_washer(cache_dir):
     from orchestrator.data import list_categories
-    from orchestrator.training import run_local
+    from orchestrator.local import run_local
 
     assert CATEGORY in list_categories("synthetic", None, cache_dir=cache_dir)
     result = run_local(

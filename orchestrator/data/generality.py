@@ -53,6 +53,7 @@ from skimage import draw
 from orchestrator.data.mvtec import MVTecLayout
 from orchestrator.errors import DatasetError
 from orchestrator.files import publish_folder
+from orchestrator.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,5 @@ class GeneralityDataset(MVTecLayout):
         if root is not None:
             return super().resolve_root(root, cache_dir)
         if cache_dir is None:
-            from orchestrator.config import default_cache_dir
-
             cache_dir = default_cache_dir()
         return generate(dataset_root(Path(cache_dir).expanduser()))
