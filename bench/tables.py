@@ -150,7 +150,15 @@ def generality() -> str:
               f"{seeds} training seeds; ✓: the mean reaches {r['bound']}.\n")
 
 
-RENDERERS: dict[str, Callable[[], str]] = {"cluster_schedule": cluster_schedule, "head_memory": head_memory, "make_run": make_run,
+def cli_start() -> str:
+    r = load("cli_start")
+    body = [[row["case"], f"`{row['command']}`", f"{row['median_s']:.2f} s", f"{row['max_s']:.2f} s",
+             "yes" if row["median_s"] <= r["goal_s"] else "no"] for row in r["rows"]]
+    return (rows(["case", "command", f"median of {r['runs']}", "slowest", f"within {r['goal_s']:g} s"], body)
+            + f"\n{r['machine']}, load average {r['load_average_1min']} at the end, {r['measured_on']}.\n")
+
+
+RENDERERS: dict[str, Callable[[], str]] = {"cli_start": cli_start, "cluster_schedule": cluster_schedule, "head_memory": head_memory, "make_run": make_run,
                                            "learning": learning, "selection": selection, "selection_rows": selection_rows,
                                            "generality": generality}
 

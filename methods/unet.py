@@ -11,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 
@@ -48,6 +46,11 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_heads: int | None = None,
     ):
+        # diffusers (~2 s to import) loads when a UNet is built, not when a config is read:
+        # the command line checks method fields from these modules before any model exists.
+        from diffusers import UNet2DModel
+        from diffusers.models.attention_processor import Attention
+
         super().__init__()
         channels = tuple(base_channels * m for m in channel_mult)
         if any(c % norm_groups for c in channels):

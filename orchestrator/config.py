@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from methods import METHODS, get_method
-from methods.base import field_docs
+from methods.fields import field_docs
 from orchestrator.errors import ConfigError
 from orchestrator.paths import default_cache_dir
 

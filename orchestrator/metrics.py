@@ -45,8 +45,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import roc_auc_score
+
+# scipy and scikit-learn are imported where used: the metric names below are read by the
+# command line, which must answer a bad key before these (seconds) load.
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ def _threshold_sweep(
     """
     scores = maps.reshape(-1)
     if with_pro:
+        from scipy import ndimage
+
         labels, n_regions = ndimage.label(masks, structure=_IN_PLANE_8_CONNECTED)
         labels = labels.reshape(-1)
         anomalous = labels != 0
@@ -315,6 +318,8 @@ def image_auroc(labels: Any, scores: Any) -> float:
     if n_anomalous in (0, labels_np.size):
         only = "anomalous" if n_anomalous else "normal"
         raise ValueError(f"image AUROC is undefined: all {labels_np.size} images are {only}; evaluate on a split with both classes")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels_np, scores_np))
 
 

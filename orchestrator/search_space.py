@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from methods import METHODS, get_method
-from methods.base import field_docs
+from methods.fields import field_docs
 from orchestrator.errors import ConfigError
 from orchestrator.results import VALIDATION_METRICS
 
@@ -149,6 +149,13 @@ def space_path(ablation: str, directory: Path = SPACES_DIR) -> Path:
     if not path.is_file():
         raise ConfigError(f"ablation={ablation}: search-space file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     return path.resolve()
+
+
+def description(name: str, directory: Path = SPACES_DIR) -> str:
+    """A built-in space's one-line description, read without checking the space (which
+    imports its method): what ``--help`` lists."""
+    raw = yaml.safe_load(space_path(name, directory).read_text()) or {}
+    return str(raw.get("description", "")) if isinstance(raw, dict) else ""
 
 
 def load(name: str, directory: Path = SPACES_DIR) -> SearchSpace:

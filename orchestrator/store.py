@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from methods import METHODS
-from methods.base import MethodConfig, config_fingerprint, training_fields
+from methods.fields import MethodConfig, config_fingerprint, training_fields
 from orchestrator.paths import default_cache_dir
 from orchestrator.data import DataSpec
 from orchestrator.data.registry import get_adapter

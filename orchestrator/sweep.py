@@ -23,21 +23,22 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import search_space as spaces
-from orchestrator.config import config_to_dict, describe_method_fields, flatten, parse_overrides, redact_uri, settings_keys
+from orchestrator.config import build_settings, config_to_dict, describe_method_fields, flatten, parse_overrides, redact_uri, settings_keys
 from orchestrator.errors import ConfigError, UserError
-from orchestrator.leases import Lease
-from orchestrator.storage import Storage
-from orchestrator.plan import SweepPlan, plan, sweep_prefix
+
+if TYPE_CHECKING:  # imported in run(), after the command line is read: --help and a bad key answer before torch loads
+    from orchestrator.plan import SweepPlan
+    from orchestrator.storage import Storage
 
 log = logging.getLogger("orchestrator.sweep")
 
 
 def print_help(ablation: str | None) -> None:
     print(__doc__)
-    print("ablations:\n  " + "\n  ".join(f"{n}: {spaces.load(n).description}" for n in spaces.available()))
+    print("ablations:\n  " + "\n  ".join(f"{n}: {spaces.description(n)}" for n in spaces.available()))
     print("keys:\n  " + ", ".join(settings_keys()) + ", method.<field>")
     if ablation:
         method = spaces.load(ablation).method
@@ -89,7 +90,13 @@ def run(tokens: list[str]) -> dict[str, Any]:
             raise ConfigError(f"missing ablation=<name>; valid: {', '.join(spaces.available())}")
         return {}
 
+    build_settings(values)  # a mistyped or out-of-range setting: one line, before the planner's imports
+
     # 1. plan: every trial's method config resolved and checked before anything starts
+    from orchestrator.leases import Lease
+    from orchestrator.plan import plan, sweep_prefix
+    from orchestrator.storage import Storage
+
     sweep = plan(values, method_overrides)
     if sweep.settings.dry_run:
         print("\n".join(sweep.describe(dry_run_cluster())))
@@ -131,6 +138,7 @@ def run(tokens: list[str]) -> dict[str, Any]:
 def run_sweep(sweep: SweepPlan, tokens: list[str], storage: Storage, sweep_name: str, resume: bool,
               splits: dict[str, dict[str, int]]) -> dict[str, Any]:
     from orchestrator import ray_backend, report, tracking
+    from orchestrator.leases import Lease
     from orchestrator.plan import resolve_trial_resources
     from orchestrator.schedule import costs
 

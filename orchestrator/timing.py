@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from methods import get_method
-from methods.base import MethodConfig
+from methods.fields import MethodConfig
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu.json"
 REFERENCE_STEP_S = 0.25  # one training step at batch 8, 256 x 256 pixels, one GPU (an order of magnitude, not a measurement)
