@@ -5,7 +5,7 @@
 #
 # NOT BUILT HERE: the repository's machines have no Docker daemon and no GPU, so this file is
 # only linted (`make lint-docker`, tests/test_packaging.py). Build and smoke-test it on a
-# machine with Docker before pushing (README, "Container image").
+# machine with Docker before pushing (docs/cluster.md, "Container image").
 #
 # Base image: PyTorch's official CUDA *runtime* image for the torch the project pins
 # (torch==2.13.0). It brings CUDA, cuDNN, NCCL, a CUDA build of torch 2.13.0 and the

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# Every pin from the lock, so `make test` and CI run the same versions. Its torch==2.13.0
-	# resolves to the local CPU wheel (2.13.0+cpu) on CPU machines; never torchvision (see README).
+	# resolves to the local CPU wheel (2.13.0+cpu) on CPU machines; never torchvision (see docs/methods.md, "CPU vs GPU").
 	$(PY) -m pip install --quiet -r $(LOCK)
 	# The project itself, editable; --no-deps so nothing the lock fixed is resolved again.
 	$(PY) -m pip install --quiet --no-deps -e .

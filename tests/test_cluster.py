@@ -6,7 +6,7 @@ the S3 object store and `mlflow server` on PostgreSQL (the shared ``services`` f
 evaluations) with ``storage_path=s3://...`` and ``trial.workers=2 trial.cpus=1``: the one
 training is DDP (gloo) across both nodes — each node has a single CPU, so the two Train
 workers can only run one per node — and every trial evaluates the model from the bucket.
-These are the README's "Running on a cluster" steps.
+These are the steps of docs/cluster.md.
 """
 
 import json

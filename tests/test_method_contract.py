@@ -85,7 +85,10 @@ def seeded(seed: int) -> torch.Generator:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_config_derives_from_the_base_and_documents_every_field(name):
     cls = get_method(name)
-    assert issubclass(cls.Config, MultiClassConfig if cls.multi_class else MethodConfig)
+    assert issubclass(cls.Config, MethodConfig)
+    # both ways: a MultiClassConfig on a per-category method would train one model per
+    # category with num_categories=1, silently
+    assert issubclass(cls.Config, MultiClassConfig) == cls.multi_class
     docs = field_docs(cls.Config)
     assert all(doc for _, doc in docs.values())
     for preset in cls.PRESETS.values():
