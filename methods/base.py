@@ -108,6 +108,9 @@ class AnomalyMethod(nn.Module, abc.ABC):
     # Seconds per image of inference that the paper reports for its own setting (None: not
     # reported); the orchestrator's timing model uses it where nothing was measured.
     paper_seconds_per_image: ClassVar[float | None] = None
+    # Config fields renamed since runs were logged: old name -> today's. Reports read a run
+    # of this method logged under an old name as if logged under the new one.
+    renamed_fields: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: MethodConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__()

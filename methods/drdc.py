@@ -493,6 +493,8 @@ class DRDC(AnomalyMethod):
 
     Config: ClassVar[type[MethodConfig]] = DRDCConfig
     multi_class: ClassVar[bool] = True
+    # the transformer's heads were num_heads until the UNet got its own (head_channels)
+    renamed_fields: ClassVar[dict[str, str]] = {"num_heads": "transformer_heads"}
     training_synthesis: ClassVar[tuple[str, ...]] = ("grid_cells_gaussian_noise", "feature_jitter")  # inpainting masks (§4.3), UniAD jitter
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},

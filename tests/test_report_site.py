@@ -8,6 +8,7 @@ ones read the session's one real tiny sweep (tests/conftest.py: tiny_sweep).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -439,3 +440,20 @@ def test_a_real_sweep_writes_the_site_and_records_inputs_and_system_tags(tiny_sw
         (dataset_input,) = client.get_run(run_id).inputs.dataset_inputs
         assert dataset_input.dataset.name == "synthetic/washer"
         assert json.loads(dataset_input.dataset.profile)["categories"] == ["washer"]
+
+
+def test_a_field_one_method_renamed_is_read_under_its_new_name_on_that_methods_runs_only():
+    import pandas as pd
+
+    from methods import METHODS, get_method
+    from orchestrator.report.sweeps import with_current_names
+
+    for name in METHODS:  # every rename names a field the method has today
+        cls = get_method(name)
+        assert set(cls.renamed_fields.values()) <= {f.name for f in dataclasses.fields(cls.Config)}, name
+    runs = pd.DataFrame({"params.method": ["drdc", "diffusionad", "drdc"], "params.method.num_heads": ["8", "4", None],
+                         "params.method.transformer_heads": [None, None, "2"]})
+    out = with_current_names(runs)
+    heads = out["params.method.transformer_heads"]
+    assert heads[0] == "8" and pd.isna(heads[1]) and heads[2] == "2"  # DRDC's old name folded in, not onto DiffusionAD
+    assert out["params.method.num_heads"].tolist()[1] == "4" and pd.isna(out["params.method.num_heads"][0])  # DiffusionAD's stays

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
+from methods import METHODS, get_method
 from orchestrator import tracking
 from orchestrator.errors import ConfigError
 from orchestrator.results import metric_name
@@ -57,11 +58,21 @@ PARAM_ALIASES = {
 
 
 def with_current_names(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` with old param columns folded into today's names (see PARAM_ALIASES)."""
+    """``runs`` with old param columns folded into today's names: PARAM_ALIASES for every
+    method, then each method's own ``renamed_fields`` on its rows only (a name one method
+    retired may be current in another: DRDC's num_heads, DiffusionAD's num_heads)."""
     for old, new in PARAM_ALIASES.items():
         if old in runs:
             runs[new] = runs[new].fillna(runs[old]) if new in runs else runs[old]
             runs = runs.drop(columns=old)
+    for method in runs["params.method"].dropna().unique() if "params.method" in runs else ():
+        rows = runs["params.method"] == method
+        for old, new in (get_method(method).renamed_fields.items() if method in METHODS else ()):
+            old, new = f"params.method.{old}", f"params.method.{new}"
+            if old in runs:
+                current = runs[new] if new in runs else pd.Series(None, index=runs.index, dtype=object)
+                runs[new] = current.where(~rows | current.notna(), runs[old])
+                runs[old] = runs[old].where(~rows)
     return runs
 
 
