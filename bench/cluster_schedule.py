@@ -57,8 +57,6 @@ SIMULATIONS = [("benchmark_mvtec_ad", 4, 64), ("transfusion_losses", 21, 512)]  
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
     import ray
-    from ray.cluster_utils import Cluster
-
     from orchestrator import sweep
 
     sleeper.register()
@@ -69,9 +67,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
     started = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(args.slots):
-        cluster.add_node(num_cpus=1, resources={"slot": 1})
+    cluster = sleeper.start_cluster(args.slots)
     ray.init(address=cluster.address, runtime_env=sleeper.RUNTIME_ENV, namespace="diffad")
     print(f"ray: {args.slots} one-slot nodes up in {time.monotonic() - started:.1f} s")
     common = [f"ablation={space}", f"tracking_uri=sqlite:///{work / 'mlflow.db'}", f"storage_path={work / 'ray'}",

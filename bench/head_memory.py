@@ -87,16 +87,12 @@ def node_pids(node) -> list[int]:
 
 def measure(trials: int, train_s: float, eval_s: float, work: Path) -> dict:
     import ray
-    from ray.cluster_utils import Cluster
-
     from orchestrator import sweep
 
     sleeper.register()
     names = sleeper.write_dataset(work / "data", trials)
     space = sleeper.write_space(work / "space.yaml", trials)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(trials):
-        cluster.add_node(num_cpus=1, resources={"slot": 1})
+    cluster = sleeper.start_cluster(trials)
     ray.init(address=cluster.address, runtime_env=sleeper.RUNTIME_ENV, namespace="diffad")
     # The head's processes and the driver's (this process) with everything they started, but
     # not the other nodes: on one machine their raylets are children of this process too.

@@ -111,3 +111,27 @@ def write_dataset(root: Path, categories: int) -> list[str]:
             mask[8:16, 8:16] = 255
             save(root / name / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
     return names
+
+
+def start_cluster(slots: int):
+    """A local multi-node Ray (``ray.cluster_utils.Cluster``): a head without CPUs and
+    ``slots`` nodes of one CPU and one ``slot`` each, isolated from any other Ray on the
+    machine: its own RAY_TMPDIR (inherited by every node, so Ray Train's placement-group
+    cleaner and the State API find this cluster, not another) and a free dashboard port."""
+    import os
+    import socket
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: socket paths are length-limited
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "dashboard_port": dashboard_port})
+    for _ in range(slots):
+        cluster.add_node(num_cpus=1, resources={"slot": 1})
+    address_file = Path(os.environ["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text(cluster.address)
+    return cluster

@@ -65,13 +65,22 @@ def signal_all(pids: set[int], sig: int) -> None:
 class RayNode:
     """One `ray start` of this test: its processes are the ones that name its temp folder."""
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], gcs: str | None = None):
         self.temp = Path("/tmp") / f"rt{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths are length-limited
         self.env = env
-        started = ray_cli("start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}", "--disable-usage-stats", env=env)
+        # Ray processes that look their cluster up by themselves (Ray Train's placement-group
+        # cleaner, the State API) read <RAY_TMPDIR>/ray/ray_current_cluster, else scan the
+        # machine: with two clusters up (two tests, a bench) they would reach the other one
+        # and leave placement groups behind. RAY_TMPDIR reaches the raylet and its workers.
+        started = ray_cli("start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}", "--disable-usage-stats",
+                          env={**env, "RAY_TMPDIR": str(self.temp)})
         if started.returncode != 0:
             self.stop()
             raise AssertionError(f"ray start failed: {started.stderr[-2000:]}")
+        if gcs is not None:
+            written = self.temp / "ray_current_cluster"  # what `ray start --head --temp-dir` wrote, if it did
+            (self.temp / "ray").mkdir(exist_ok=True)
+            (self.temp / "ray" / "ray_current_cluster").write_text(written.read_text() if written.is_file() else gcs)
 
     def pids(self) -> set[int]:
         return processes_of(str(self.temp))
@@ -97,7 +106,8 @@ class RayHead(RayNode):
         env = {**env, "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
         super().__init__(["--head", f"--num-cpus={cpus}", f"--port={self.port}", "--dashboard-host=127.0.0.1",
-                          f"--dashboard-port={self.dashboard_port}", *([f"--resources={resources}"] if resources else [])], env)
+                          f"--dashboard-port={self.dashboard_port}", *([f"--resources={resources}"] if resources else [])], env,
+                         gcs=f"127.0.0.1:{self.port}")
         self.nodes: list[RayNode] = []
         self.job_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}"}
 
@@ -107,7 +117,8 @@ class RayHead(RayNode):
 
     def add_node(self, cpus: int, resources: str | None = None) -> RayNode:
         """A worker node with a temp folder of its own, as on a machine of its own."""
-        node = RayNode([f"--address={self.gcs}", f"--num-cpus={cpus}", *([f"--resources={resources}"] if resources else [])], self.env)
+        node = RayNode([f"--address={self.gcs}", f"--num-cpus={cpus}", *([f"--resources={resources}"] if resources else [])], self.env,
+                       gcs=self.gcs)
         self.nodes.append(node)
         return node
 
