@@ -68,7 +68,7 @@ bench: $(STAMP)
 
 # Every method on the frozen generality set (defects no method trains or selects on), 3 training
 # seeds: each preset as it is and the setting its validation split chooses among
-# bench/generality.py's GRIDS, in one run; hours on 2 cores. Not part of `make test` or `make bench`.
+# each method's selection_grid (methods/<name>.py), in one run; hours on 2 cores. Not part of `make test` or `make bench`.
 generality: $(STAMP)
 	$(PY) -m bench.generality
 

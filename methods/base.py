@@ -32,6 +32,12 @@ A method is an ``nn.Module`` subclass of :class:`AnomalyMethod` with
   ``()`` for a method that never sees a synthetic anomaly. The validation split's defects
   (orchestrator/data/validation_defects.py) must be none of these, or validation would
   only measure whether a model finds its own augmentation (tests/test_validation_defects.py).
+* Facts the orchestrator, benches and reports read from the class, each optional with a
+  default that says "nothing declared" (the class attributes below): the paper's
+  ``paper_seconds_per_image``, ``paper_speed``, ``paper_parameters`` and
+  ``paper_backbone``, bench.generality's ``selection_grid``, :meth:`AnomalyMethod.minimal_sampling`
+  and ``renamed_fields``. They live here, on the method, so that a new method touches no
+  bench (docs/architecture.md, "How to add a method").
 
 Methods are pure PyTorch: no Ray, MLflow, orchestrator or file I/O. Things that need
 files (pretrained backbone weights) are injected through ``backbone_factory``.
@@ -111,6 +117,14 @@ class AnomalyMethod(nn.Module, abc.ABC):
     # Config fields renamed since runs were logged: old name -> today's. Reports read a run
     # of this method logged under an old name as if logged under the new one.
     renamed_fields: ClassVar[dict[str, str]] = {}
+    # The paper's speed as the paper states it (its hardware and settings), shown beside bench.gpu's timings.
+    paper_speed: ClassVar[str] = "not reported"
+    # What the paper states about the model's size, shown beside bench.paper_scale's parameter counts.
+    paper_parameters: ClassVar[str] = "not stated"
+    # The paper's backbone, for a config with a ``backbone`` field (None: none named); a bench that cannot load it falls back.
+    paper_backbone: ClassVar[str | None] = None
+    # bench.generality's selection candidates (config overrides), the preset {} first; default: the preset alone.
+    selection_grid: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
     def __init__(self, config: MethodConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__()
@@ -120,6 +134,13 @@ class AnomalyMethod(nn.Module, abc.ABC):
     def category_overrides(cls, categories: Sequence[str]) -> dict[str, Any]:
         """Config fields set from the categories one model is trained on."""
         return {"num_categories": len(categories)} if cls.multi_class else {}
+
+    @classmethod
+    def minimal_sampling(cls, config: MethodConfig) -> dict[str, Any]:
+        """Config overrides (inference fields) with the fewest sampling steps/samples the
+        method allows, derived from ``config``; ``{}`` when nothing can be reduced (the
+        default). bench.paper_scale times inference with them, bench.gpu with ``--fast``."""
+        return {}
 
     @abc.abstractmethod
     def forward(self, batch: TrainBatch) -> Losses:

@@ -333,6 +333,10 @@ class DiffusionAD(AnomalyMethod):
     Config: ClassVar[type[MethodConfig]] = DiffusionADConfig
     training_synthesis: ClassVar[tuple[str, ...]] = ("perlin_texture", "perlin_shuffled_patches")  # §IV-D via methods/anomaly_synthesis.py
     paper_seconds_per_image = 1 / 23.5  # Table V: 23.5 FPS, one-step norm-guided paradigm
+    paper_speed = "23.5 FPS = 0.043 s/image"
+    paper_parameters = "not stated (official code: UNet ~132 M + segmentation net)"  # checked in ../shared/papers/; FACTS.md
+    # Inference fields along the paper's own ablation axes; declared 2026-12-07, before any measurement on the generality set v2.
+    selection_grid = ({}, {"paradigm": "one_step"}, {"top_k": 10}, {"top_k": 200}, {"t_s": 100, "t_b": 200})
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes: 64 px, a ~0.37 M-parameter UNet and a ~0.23 M segmentation net.
@@ -360,6 +364,10 @@ class DiffusionAD(AnomalyMethod):
             "seg_channel_mult": (1, 2, 4, 4),
         },
     }
+
+    @classmethod
+    def minimal_sampling(cls, config: MethodConfig) -> dict[str, Any]:
+        return {"paradigm": "one_step"}  # one UNet evaluation instead of norm-guided's 2 (Table VII's cheapest paradigm)
 
     def __init__(self, config: DiffusionADConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__(config, backbone_factory)

@@ -496,6 +496,11 @@ class DRDC(AnomalyMethod):
     # the transformer's heads were num_heads until the UNet got its own (head_channels)
     renamed_fields: ClassVar[dict[str, str]] = {"num_heads": "transformer_heads"}
     training_synthesis: ClassVar[tuple[str, ...]] = ("grid_cells_gaussian_noise", "feature_jitter")  # inpainting masks (§4.3), UniAD jitter
+    paper_speed: ClassVar[str] = "not reported"
+    paper_parameters: ClassVar[str] = "not stated (no public code)"  # checked in ../shared/papers/
+    paper_backbone: ClassVar[str | None] = "efficientnet_b4"  # §5
+    # Inference fields along the paper's own ablation axes; declared 2026-12-07, before any measurement on the generality set v2.
+    selection_grid: ClassVar[tuple[dict[str, Any], ...]] = ({}, {"gamma": 0.9}, {"gamma": 1.0}, {"fusion": "temporal"}, {"score_pool_size": 9})
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes, all synthetic categories in one model, at the data's native 128 px.
@@ -546,6 +551,14 @@ class DRDC(AnomalyMethod):
             "score_pool_size": 5,
         },
     }
+
+    @classmethod
+    def minimal_sampling(cls, config: MethodConfig) -> dict[str, Any]:
+        # One DDIM jump from the first timestep to the last (a schedule of one or two steps is
+        # already minimal); n_s stays (it partitions the image into cells inpainted in turn:
+        # a coverage, not a number of samples).
+        steps = tuple(config.timesteps)
+        return {"timesteps": (steps[0], steps[-1])} if len(steps) > 2 else {}
 
     def __init__(self, config: DRDCConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__(config, backbone_factory)

@@ -398,6 +398,11 @@ class MDPS(AnomalyMethod):
 
     Config: ClassVar[type[MethodConfig]] = MDPSConfig
     paper_seconds_per_image = 0.5  # Table 3: MDPS (N_s = 1), per image
+    paper_speed = "0.5 s/image"
+    paper_parameters = "not stated (official code ~33 M)"  # checked in ../shared/papers/; official-code count from FACTS.md
+    paper_backbone = "wide_resnet101_2"  # §4.3
+    # Inference fields along the paper's own ablation axes; declared 2026-12-07, before any measurement on the generality set v2.
+    selection_grid = ({}, {"metric": "perceptual"}, {"metric": "pixel"}, {"use_mask": False}, {"blur_sigma": 4.0})
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU minutes: 64 px, a ~0.27 M-parameter UNet trained 40 epochs, T = 400 of 1000
@@ -425,6 +430,10 @@ class MDPS(AnomalyMethod):
             "backbone": "efficientnet_lite0",  # offline; strides 4, 8, 16 like the paper's WRN-101-2 stages 1-3
         },
     }
+
+    @classmethod
+    def minimal_sampling(cls, config: MethodConfig) -> dict[str, Any]:
+        return {"steps": 1, "num_samples": 1, "mask_num_samples": 1}  # N = 1, N_s = 1 in both passes (Table 3's cheap setting is N_s = 1)
 
     def __init__(self, config: MDPSConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__(config, backbone_factory)

@@ -212,6 +212,15 @@ class PatchCore(AnomalyMethod):
     bank per category. Holds no trainable parameter: its state is the bank."""
 
     Config: ClassVar[type[MethodConfig]] = PatchCoreConfig
+    paper_speed: ClassVar[str] = "not recorded here (PatchCore paper, scoring time per coreset size)"
+    paper_parameters: ClassVar[str] = "not stated (nothing trained; WRN-50 backbone)"
+    # §4.1; methods/backbones.py has no extractor for it, so each bench says what stands in (the config's efficientnet_lite0).
+    paper_backbone: ClassVar[str | None] = "wide_resnet50_2"
+    # Its feature choices too, since its "training" is one forward pass; declared 2026-12-07, before any
+    # measurement on the generality set v2.
+    selection_grid: ClassVar[tuple[dict[str, Any], ...]] = (
+        {}, {"feature_strides": [4, 8]}, {"patch_size": 5}, {"image_score": "reweighted"}, {"blur_sigma": 4.0}, {"image_size": 256},
+    )
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
         # CPU seconds: the synthetic data's own 128 px (stride 8 gives a 16 × 16 patch grid;
@@ -219,6 +228,10 @@ class PatchCore(AnomalyMethod):
         # σ = 4 at 224² scaled to 2 at 128².
         "smoke": {"image_size": 128, "crop_size": None, "coreset_ratio": 0.1, "blur_sigma": 2.0},
     }
+
+    @classmethod
+    def minimal_sampling(cls, config: MethodConfig) -> dict[str, Any]:
+        return {}  # no sampling: one backbone pass and a nearest-neighbour search
 
     def __init__(self, config: PatchCoreConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__(config, backbone_factory)

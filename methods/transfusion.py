@@ -33,7 +33,7 @@ import logging
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -420,6 +420,14 @@ class TransFusion(AnomalyMethod):
     multi_class = False
     training_synthesis = ("perlin_texture", "perlin_shuffled_patches")  # §3.3 via methods/anomaly_synthesis.py
     paper_seconds_per_image = 0.34  # Table 5: one image on an NVIDIA A100
+    paper_speed = "0.34 s/image (A100)"
+    paper_parameters = "not stated (official code ~55 M)"  # checked in ../shared/papers/; official-code count from FACTS.md
+    # Inference fields along the paper's own ablation axes; declared 2026-12-07, before any measurement on the generality set v2.
+    selection_grid = ({}, {"final_mask": "disc"}, {"final_mask": "recon"}, {"disc_weight": 0.5}, {"filter_size": 7})
+
+    @classmethod
+    def minimal_sampling(cls, config: MethodConfig) -> dict[str, Any]:
+        return {}  # T is a training field: the reverse process always runs its T steps
 
     def __init__(self, config: TransFusionConfig, backbone_factory: BackboneFactory | None = None):
         super().__init__(config, backbone_factory)

@@ -44,8 +44,12 @@ def load_backbone(name: str) -> FeatureExtractor:
         raise UserError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
     path = backbone_file(name)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    # Building the network draws its (overwritten) initial weights from torch's global
+    # generator; outside it, so that a model seeded after this call initialises alike
+    # whether or not the process had loaded the backbone before (cached here).
     try:
-        extractor = FeatureExtractor(name, state_dict)
+        with torch.random.fork_rng(devices=[]):
+            extractor = FeatureExtractor(name, state_dict)
     except ImportError as exc:  # torchvision present but broken (e.g. against a CPU torch build)
         raise UserError(f"{exc}") from None
     log.info("backbone %s: ImageNet weights from %s", name, path)

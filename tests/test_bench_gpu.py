@@ -61,7 +61,7 @@ def test_a_row_per_method_with_positive_finite_timings(cpu_run):
     for method, row in fp32.items():
         check_row(row)
         assert len(table_lines(text, method, "fp32")) == 1, text
-        assert row["paper_speed"] == gpu.PAPER_SPEED[method]
+        assert row["paper_speed"] == gpu.get_method(method).paper_speed
         assert row["infer_peak_mib"] is None and row["train_peak_mib"] is None  # CPU: n/a
     assert fp32["mdps"]["backbone"] == fp32["drdc"]["backbone"] == "efficientnet_lite0"
     assert fp32["transfusion"]["backbone"] == "none"
@@ -101,9 +101,15 @@ def test_variants_and_fast_settings():
     for method in METHODS:
         cls = gpu.get_method(method)
         config = gpu.build_config(cls, "paper", {})
-        fast, unknown = gpu.known(cls, gpu.FAST[method](config))
-        assert not unknown, (method, unknown)  # FAST names fields the configs have
+        fast, unknown = gpu.known(cls, cls.minimal_sampling(config))  # --fast: the method's minimal_sampling
+        assert not unknown, (method, unknown)  # it names fields the configs have
         gpu.build_config(cls, "paper", fast)  # and valid values
+    assert gpu.get_method("mdps").minimal_sampling(gpu.build_config(gpu.get_method("mdps"), "paper", {}))["steps"] == 1
+
+
+def test_fast_uses_the_minimal_sampling_settings(monkeypatch):
+    rows, _ = run_bench(TINY + ["--device", "cpu", "--methods", "diffusionad", "--fast"])
+    assert rows[0]["inference"] == "fast: paradigm=one_step", rows[0]
 
 
 def test_paper_backbone_falls_back_to_lite0_without_torchvision(monkeypatch):
@@ -113,6 +119,14 @@ def test_paper_backbone_falls_back_to_lite0_without_torchvision(monkeypatch):
     assert override == {"backbone": "efficientnet_lite0"}
     assert text.startswith("efficientnet_lite0 (fallback for wide_resnet101_2: torchvision unavailable")
     assert gpu.choose_backbone("transfusion", gpu.get_method("transfusion").Config, "paper", None, False) == ({}, "none")
+
+
+def test_a_paper_backbone_without_an_extractor_keeps_the_configs():
+    cls = gpu.get_method("patchcore")
+    assert cls.paper_backbone == "wide_resnet50_2"
+    override, text = gpu.choose_backbone("patchcore", cls.Config, "paper", "efficientnet_lite0", random_paper=False)
+    assert override == {"backbone": "efficientnet_lite0"}
+    assert text.startswith("efficientnet_lite0 (stands in for the paper's wide_resnet50_2: no extractor in methods/backbones.py)"), text
 
 
 @pytest.mark.gpu

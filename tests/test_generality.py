@@ -34,6 +34,29 @@ def test_generality_module_imports_no_other_family():
     assert not imported & {"orchestrator.data.synthetic", "orchestrator.data.validation_defects"}, imported
 
 
+# The candidates as committed 2026-12-07, before any measurement on the v2 set (once in
+# bench/generality.py's GRIDS, now each method's selection_grid): not to be edited after the fact.
+COMMITTED_GRIDS = {
+    "transfusion": [{}, {"final_mask": "disc"}, {"final_mask": "recon"}, {"disc_weight": 0.5}, {"filter_size": 7}],
+    "diffusionad": [{}, {"paradigm": "one_step"}, {"top_k": 10}, {"top_k": 200}, {"t_s": 100, "t_b": 200}],
+    "mdps": [{}, {"metric": "perceptual"}, {"metric": "pixel"}, {"use_mask": False}, {"blur_sigma": 4.0}],
+    "drdc": [{}, {"gamma": 0.9}, {"gamma": 1.0}, {"fusion": "temporal"}, {"score_pool_size": 9}],
+    "patchcore": [{}, {"feature_strides": [4, 8]}, {"patch_size": 5}, {"image_score": "reweighted"}, {"blur_sigma": 4.0},
+                  {"image_size": 256}],
+}
+
+
+def test_the_selection_candidates_are_the_committed_ones_and_each_resolves():
+    from bench import generality as bench
+    from orchestrator.config import resolve_method_config
+
+    for method, grid in COMMITTED_GRIDS.items():
+        assert bench.candidates(method) == grid, method  # same candidates, same order, preset first
+        cls = get_method(method)
+        for candidate in grid:
+            resolve_method_config(method, "smoke", cls.category_overrides(list(generality.CATEGORIES)), candidate)
+
+
 def test_no_photo_of_the_set_is_in_a_bank_a_method_trains_on():
     """By content: downscaled crops of each photo against every image of the offline texture
     bank (anomaly paste-ins) — and the check finds a renamed, resized copy."""
@@ -138,7 +161,7 @@ def test_candidates_are_chosen_on_validation_and_only_preset_and_chosen_are_test
             value = val_by_blur.get(model.config.blur_sigma, 0.6) if model.config.patch_size == 3 else 0.6
         return SimpleNamespace(metrics=SimpleNamespace(image_auroc=value))
 
-    monkeypatch.setitem(bench.GRIDS, "patchcore", grid)
+    monkeypatch.setattr(get_method("patchcore"), "selection_grid", tuple(grid))
     monkeypatch.setattr(bench, "train_local", train_local)
     monkeypatch.setattr(bench, "build_model", lambda method, config: _FakeModel(config))
     monkeypatch.setattr(bench, "evaluate_split", evaluate_split)

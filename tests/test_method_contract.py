@@ -101,6 +101,25 @@ def test_config_derives_from_the_base_and_documents_every_field(name):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_methods_facts_are_well_formed(name):
+    """The per-method facts of methods/base.py that benches and reports read from the class."""
+    cls = get_method(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    assert isinstance(cls.paper_speed, str) and cls.paper_speed
+    assert isinstance(cls.paper_parameters, str) and cls.paper_parameters
+    assert cls.paper_seconds_per_image is None or cls.paper_seconds_per_image > 0
+    assert cls.paper_backbone is None or (isinstance(cls.paper_backbone, str) and "backbone" in fields)
+    grid = cls.selection_grid
+    assert isinstance(grid, tuple) and grid and grid[0] == {}, grid  # the preset first
+    assert all(isinstance(c, dict) and set(c) <= fields for c in grid), grid
+    for scale in cls.PRESETS:
+        config = dataclasses.replace(cls.Config(), **{**cls.PRESETS[scale], **cls.category_overrides(CATEGORIES)})
+        sampling = cls.minimal_sampling(config)
+        assert set(sampling) <= fields and not any(field_docs(cls.Config)[k][0] for k in sampling), sampling  # inference fields
+        dataclasses.replace(config, **sampling)  # valid values
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_out_of_range_value_raises_a_one_line_error_naming_the_field(name):
     config = smoke_config(get_method(name))
     with pytest.raises(ValueError, match="batch_size") as info:

@@ -2,18 +2,27 @@
 step and runs one minimal inference on a paper-resolution image (in-process here; the
 bench runs each in a fresh subprocess)."""
 
+import dataclasses
 import importlib.util
 
 import pytest
 import torch
 
 from bench import paper_scale
-from methods import METHODS
+from methods import METHODS, get_method
+from orchestrator.config import resolve_method_config
 
 
-def test_every_method_has_minimal_sampling_settings_and_a_paper_parameter_entry():
-    assert set(paper_scale.MINIMAL_SAMPLING) == set(METHODS)
-    assert set(paper_scale.PAPER_PARAMETERS) == set(METHODS)
+def test_the_minimal_sampling_settings_and_the_paper_facts_come_from_the_method():
+    for method in METHODS:
+        cls = get_method(method)
+        paper = resolve_method_config(method, "paper", cls.category_overrides(["bench"]))
+        sampling = cls.minimal_sampling(paper)
+        assert set(sampling) <= {f.name for f in dataclasses.fields(cls.Config)}, method  # fields the config has
+        resolve_method_config(method, "paper", cls.category_overrides(["bench"]), sampling)  # with valid values
+        row = paper_scale.table_row(method, {"error": "x"}, {"error": "x"})
+        assert row[4] == cls.paper_parameters and row[4].startswith("not stated"), row
+    assert get_method("mdps").minimal_sampling(paper_scale.resolve_method_config("mdps", "paper", {})) == {"steps": 1, "num_samples": 1, "mask_num_samples": 1}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the fallback is for machines without torchvision")
