@@ -3,7 +3,7 @@
     python -m bench.generality                          # every method, 3 training seeds, smoke (hours on 2 cores)
     python -m bench.generality --methods mdps --seeds 1
 
-The ``generality`` dataset (orchestrator/data/generality.py, v2) cuts brick, grass and
+The ``generality`` dataset (orchestrator/data/generality_set.py, v2) cuts brick, grass and
 gravel crops from scikit-image's real photographs — training and test crops from disjoint
 rows, and no photo in any bank a method trains on — and draws thread, void and tear
 defects: kinds no method trains on and the validation split does not use.
@@ -38,7 +38,7 @@ import torch
 from methods import METHODS, get_method
 from methods.base import config_fingerprint, training_fields
 from orchestrator.config import resolve_method_config
-from orchestrator.data import DataSpec, generality
+from orchestrator.data import DataSpec, generality_set
 from orchestrator.data.registry import get_adapter
 from orchestrator.training import build_model, calibrate_on_validation_normals, evaluate_split, model_groups, train_local
 
@@ -59,7 +59,7 @@ def measure(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
     validation split and the preset on the test split; then test the validation-best
     candidate (mean validation image AUROC over categories and seeds; the preset on a tie)."""
     cls = get_method(method)
-    groups = model_groups(cls, generality.CATEGORIES)
+    groups = model_groups(cls, generality_set.CATEGORIES)
     data = DataSpec("generality", None, cache_dir, 0.2, 0)
     device = torch.device("cpu")
     trained: dict[tuple, tuple] = {}  # (training fingerprint, seed, group) -> (state dict, datas)
@@ -84,7 +84,7 @@ def measure(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
 
     def scores(candidate: dict, split: str) -> dict[str, list[float]]:
         """category -> image AUROC per seed on ``split`` (val | test)."""
-        out: dict[str, list[float]] = {c: [] for c in generality.CATEGORIES}
+        out: dict[str, list[float]] = {c: [] for c in generality_set.CATEGORIES}
         for seed in range(seeds):
             for category, position, model, d in models(candidate, seed):
                 images, masks, labels = (getattr(d, f"{split}_{part}") for part in ("images", "masks", "labels"))
@@ -99,7 +99,7 @@ def measure(method: str, seeds: int, scale: str, cache_dir: str) -> dict:
     means = [mean_over_categories(v) for v in val]
     best = int(np.argmax(means))  # argmax takes the first of equal values: the preset wins ties
     preset = scores(grid[0], "test")
-    return {"method": method, "scale": scale, "digest": generality.FROZEN_DIGEST, "seeds": seeds, "candidates": grid,
+    return {"method": method, "scale": scale, "digest": generality_set.FROZEN_DIGEST, "seeds": seeds, "candidates": grid,
             "val_image_auroc": val, "val_means": means, "selected": best, "preset_test_image_auroc": preset,
             "chosen_test_image_auroc": preset if best == 0 else scores(grid[best], "test")}
 
@@ -122,15 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     root = get_adapter("generality").resolve_root(None, args.cache_dir)
-    found = generality.digest(root)
-    if found != generality.FROZEN_DIGEST:
-        sys.exit(f"the generality set in {root} is not the frozen one (digest {found[:12]}..., frozen {generality.FROZEN_DIGEST[:12]}...): "
+    found = generality_set.digest(root)
+    if found != generality_set.FROZEN_DIGEST:
+        sys.exit(f"the generality set in {root} is not the frozen one (digest {found[:12]}..., frozen {generality_set.FROZEN_DIGEST[:12]}...): "
                  "delete that folder to regenerate it, or bump VERSION and re-freeze after a deliberate change")
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if out.get("digest") != generality.FROZEN_DIGEST:
+    if out.get("digest") != generality_set.FROZEN_DIGEST:
         out = {}
-    out.update({"bench": "generality", "version": generality.VERSION, "digest": generality.FROZEN_DIGEST, "bound": BOUND,
-                "categories": list(generality.CATEGORIES), "defects": list(generality.GENERALITY_DEFECTS)})
+    out.update({"bench": "generality", "version": generality_set.VERSION, "digest": generality_set.FROZEN_DIGEST, "bound": BOUND,
+                "categories": list(generality_set.CATEGORIES), "defects": list(generality_set.GENERALITY_DEFECTS)})
     out.setdefault("methods", {})
     for method in args.methods:
         done = out["methods"].get(method)

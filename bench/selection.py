@@ -22,7 +22,7 @@ ties go to pixel AP. The test split is not looked at to choose.
 **What is reported**, on the three *held-out* seeds (2, 3, 4) only, for the chosen metric
 and, for reading, the three others: Kendall's τ-b between validation and test per seed,
 τ pooled over (configuration, seed) pairs (pairs within a seed:
-:func:`orchestrator.selection.stratified_tau`), its one-sided permutation p-value (test
+:func:`orchestrator.selection_stats.stratified_tau`), its one-sided permutation p-value (test
 values shuffled within seeds, 10,000 times) and a 95 % interval from resampling
 configurations within seeds, and the test regret of the validation-best configuration per
 seed. Every configuration's validation and test values are written to
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator import selection as stats
+from orchestrator import selection_stats as stats
 from orchestrator.config import resolve_method_config
 from orchestrator.data import DataSpec
 from orchestrator.training import build_model, calibrate_on_validation_normals, evaluate_split, fit, load_datas, training_data

@@ -15,7 +15,7 @@ Every change is a conditional write, so two processes can never both believe the
 
 The token goes with whatever the holder writes under the lease: the model store moves a
 model's ``current`` pointer only to a version whose token is at least the pointer's
-(orchestrator/store.py), so a holder that was paused past its expiry cannot publish over
+(orchestrator/model_store.py), so a holder that was paused past its expiry cannot publish over
 its successor. A lease whose expiry has passed, or whose owner's process on this host is
 gone, belongs to nobody.
 """

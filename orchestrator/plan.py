@@ -36,7 +36,7 @@ from orchestrator.data import DataSpec
 from orchestrator.errors import ConfigError
 from orchestrator.schedule import EVALUATE, TRAIN, Job, SimTrial, fitting, simulate
 from orchestrator.storage import REMOTE_SCHEMES, Storage, is_remote
-from orchestrator.store import ModelKey, model_key
+from orchestrator.model_store import ModelKey, model_key
 from orchestrator.timing import Estimate, TimingModel
 from orchestrator.training import EvaluationSettings, model_groups
 

@@ -63,7 +63,7 @@ from orchestrator.leases import LEASE_SECONDS, Lease
 from orchestrator.plan import Cluster, SweepPlan, TrainingSpec, TrialResources, TrialSpec
 from orchestrator.results import CategoryEvaluation, ModelEvaluation, TrialResult, tune_report
 from orchestrator.storage import Storage
-from orchestrator.store import ModelKey, ModelStore, StaleLease
+from orchestrator.model_store import ModelKey, ModelStore, StaleLease
 from orchestrator.training import Shard, build_model, evaluate_category, evaluate_model, fit, load_datas, training_data, validate
 
 if TYPE_CHECKING:  # MLflow is imported by the driver only: every Ray worker that imports this module would pay for it

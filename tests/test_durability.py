@@ -183,7 +183,7 @@ def test_the_object_store_honours_conditional_writes_under_concurrency(services,
     winner each; and a holder paused past its lease cannot publish over its successor."""
     from orchestrator.leases import Lease
     from orchestrator.storage import Storage
-    from orchestrator.store import ModelKey, ModelStore
+    from orchestrator.model_store import ModelKey, ModelStore
     from test_leases import PAUSED_HOLDER
 
     for name, value in services.s3_env.items():

@@ -1,4 +1,4 @@
-"""The frozen generality set (orchestrator/data/generality.py): a fourth defect family,
+"""The frozen generality set (orchestrator/data/generality_set.py): a fourth defect family,
 disjoint from training synthesis, validation defects and the synthetic test split; exact
 masks; the generated files are the frozen ones."""
 
@@ -12,14 +12,14 @@ import pytest
 from PIL import Image
 
 from methods import METHODS, get_method
-from orchestrator.data import generality, synthetic
+from orchestrator.data import generality_set, synthetic
 from orchestrator.data.registry import get_adapter
 from orchestrator.data.validation_defects import VALIDATION_DEFECTS
 
 
 def test_generality_defects_are_disjoint_from_every_other_family():
     training = set().union(*(get_method(name).training_synthesis for name in METHODS))
-    ours = set(generality.GENERALITY_DEFECTS)
+    ours = set(generality_set.GENERALITY_DEFECTS)
     assert len(ours) == 3
     assert not ours & training
     assert not ours & set(VALIDATION_DEFECTS)
@@ -27,7 +27,7 @@ def test_generality_defects_are_disjoint_from_every_other_family():
 
 
 def test_generality_module_imports_no_other_family():
-    tree = ast.parse(Path(generality.__file__).read_text())
+    tree = ast.parse(Path(generality_set.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(m == "methods" or m.startswith("methods.") for m in imported), imported
@@ -54,7 +54,7 @@ def test_the_selection_candidates_are_the_committed_ones_and_each_resolves():
         assert bench.candidates(method) == grid, method  # same candidates, same order, preset first
         cls = get_method(method)
         for candidate in grid:
-            resolve_method_config(method, "smoke", cls.category_overrides(list(generality.CATEGORIES)), candidate)
+            resolve_method_config(method, "smoke", cls.category_overrides(list(generality_set.CATEGORIES)), candidate)
 
 
 def test_no_photo_of_the_set_is_in_a_bank_a_method_trains_on():
@@ -64,11 +64,11 @@ def test_no_photo_of_the_set_is_in_a_bank_a_method_trains_on():
 
     from orchestrator.data import textures
 
-    photos = generality.load_photos()
+    photos = generality_set.load_photos()
     bank = {name: getattr(skdata, name)() for name in textures.OFFLINE_SOURCES}
-    assert generality.near_duplicates(photos, bank) == []
+    assert generality_set.near_duplicates(photos, bank) == []
     resized = np.asarray(Image.fromarray(skdata.grass()).resize((300, 300), Image.BILINEAR))
-    found = generality.near_duplicates(photos, {**bank, "renamed": resized})
+    found = generality_set.near_duplicates(photos, {**bank, "renamed": resized})
     assert [(a, b) for a, b, _ in found] == [("grass", "renamed")]
 
 
@@ -78,41 +78,41 @@ def test_training_and_test_crops_come_from_disjoint_rows():
     rows = {split: set() for split in ("train", "test")}
     for split in rows:
         for _ in range(500):
-            top, _left = generality.crop_box(split, photo.shape, rng)
-            rows[split].update(range(top, top + generality.CROP))
+            top, _left = generality_set.crop_box(split, photo.shape, rng)
+            rows[split].update(range(top, top + generality_set.CROP))
     assert rows["train"] and rows["test"] and not rows["train"] & rows["test"]
     assert max(rows["train"]) < min(rows["test"])
 
 
-@pytest.mark.parametrize("defect", generality.GENERALITY_DEFECTS)
+@pytest.mark.parametrize("defect", generality_set.GENERALITY_DEFECTS)
 def test_masks_are_exactly_the_visibly_changed_pixels(defect):
-    photos = generality.load_photos()
+    photos = generality_set.load_photos()
     rng = np.random.default_rng(7)
-    for category in generality.CATEGORIES:
-        normal = generality.normal_image(photos[category], rng, "test")
-        image, mask = generality.draw_defect(defect, normal, rng)
-        before = generality.to_uint8(normal)
+    for category in generality_set.CATEGORIES:
+        normal = generality_set.normal_image(photos[category], rng, "test")
+        image, mask = generality_set.draw_defect(defect, normal, rng)
+        before = generality_set.to_uint8(normal)
         change = np.abs(image.astype(np.int16) - before).max(axis=2)
-        assert mask.sum() >= generality.MIN_PIXELS
+        assert mask.sum() >= generality_set.MIN_PIXELS
         assert (change[~mask] == 0).all(), "a pixel outside the mask changed"
-        assert (change[mask] >= generality.CHANGE_TOLERANCE).all(), "a masked pixel did not visibly change"
+        assert (change[mask] >= generality_set.CHANGE_TOLERANCE).all(), "a masked pixel did not visibly change"
 
 
 def test_the_generated_set_is_the_frozen_one(tmp_path):
     adapter = get_adapter("generality")
     root = adapter.resolve_root(None, tmp_path)
-    assert generality.digest(root) == generality.FROZEN_DIGEST, (
+    assert generality_set.digest(root) == generality_set.FROZEN_DIGEST, (
         "the generality set changed: bump VERSION, re-freeze FROZEN_DIGEST and re-measure bench.generality")
-    assert adapter.categories(root) == list(generality.CATEGORIES)
+    assert adapter.categories(root) == list(generality_set.CATEGORIES)
     files = adapter.scan(root, "grass")
-    assert len(files.train) == generality.N_TRAIN
+    assert len(files.train) == generality_set.N_TRAIN
     defects = sorted({item.defect for item in files.test})
-    assert defects == sorted(("good", *generality.GENERALITY_DEFECTS))
+    assert defects == sorted(("good", *generality_set.GENERALITY_DEFECTS))
     assert all(item.mask is not None for item in files.test if item.defect != "good")
 
 
 def test_a_leftover_partial_folder_is_refused_with_the_fix(tmp_path):
-    root = generality.dataset_root(tmp_path)
+    root = generality_set.dataset_root(tmp_path)
     root.mkdir(parents=True)
     (root / "stray.txt").write_text("x")
     with pytest.raises(Exception, match="delete that folder"):
@@ -170,11 +170,11 @@ def test_candidates_are_chosen_on_validation_and_only_preset_and_chosen_are_test
     record = bench.measure("patchcore", 2, "smoke", "unused")
     assert record["selected"] == expected
     chosen_blur = 2.0 if expected == 0 else grid[expected]["blur_sigma"]
-    categories = len(generality.CATEGORIES)
+    categories = len(generality_set.CATEGORIES)
     # the preset on the test split, and the chosen one if it is another: nothing else
     tested = {2.0, chosen_blur}
     assert sorted(test_calls) == sorted([(blur, seed) for blur in tested for seed in range(2) for _ in range(categories)])
     # one training per (training settings, seed, category): inference-only candidates reuse it
     assert len(trainings) == len({(g.get("patch_size", 3)) for g in grid}) * 2 * categories
-    assert record["chosen_test_image_auroc"] == {c: [0.1, 0.1] for c in generality.CATEGORIES}
+    assert record["chosen_test_image_auroc"] == {c: [0.1, 0.1] for c in generality_set.CATEGORIES}
     assert record["val_image_auroc"][expected]["brick"] == [val_by_blur[chosen_blur]] * 2

@@ -15,7 +15,7 @@ from orchestrator.config import resolve_method_config
 from orchestrator.data import DataSpec
 from orchestrator.leases import Lease
 from orchestrator.storage import Storage
-from orchestrator.store import ModelKey, ModelStore, model_key, prune
+from orchestrator.model_store import ModelKey, ModelStore, model_key, prune
 
 HOLD = """
 import sys, time
@@ -90,7 +90,7 @@ PAUSED_HOLDER = """
 import sys, time, torch
 from orchestrator.leases import Lease
 from orchestrator.storage import Storage
-from orchestrator.store import ModelKey, ModelStore, StaleLease
+from orchestrator.model_store import ModelKey, ModelStore, StaleLease
 storage = Storage(sys.argv[1])
 lease = Lease(storage, "model-k", owner=sys.argv[2], seconds=2.0)
 while not lease.acquire():

@@ -181,7 +181,7 @@ def test_config_checks():
 def test_model_key_covers_the_bank_recipe_and_the_backbone_file_but_not_scoring(cache_dir):
     from orchestrator.config import resolve_method_config
     from orchestrator.data import DataSpec
-    from orchestrator.store import model_key
+    from orchestrator.model_store import model_key
 
     data = DataSpec("synthetic", None, str(cache_dir), 0.2, 0)
 

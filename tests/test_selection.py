@@ -1,4 +1,4 @@
-"""Selection statistics (orchestrator/selection.py) on hand-made numbers, and the Optuna
+"""Selection statistics (orchestrator/selection_stats.py) on hand-made numbers, and the Optuna
 sampler a sweep searches with (orchestrator/search_space.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from orchestrator.search_space import startup_trials, tpe_sampler
-from orchestrator.selection import (
+from orchestrator.selection_stats import (
     NoiseVerdict,
     bootstrap_tau_interval,
     is_saturated,
@@ -147,7 +147,7 @@ def test_tpe_sampler_is_seeded():
 
 
 def test_stratified_tau_counts_pairs_within_seeds_only():
-    from orchestrator.selection import stratified_tau
+    from orchestrator.selection_stats import stratified_tau
 
     # within each seed validation and test agree perfectly; across seeds the levels differ
     # (seed 1's models are better on the test, worse on validation): only within-seed pairs count
@@ -163,7 +163,7 @@ def test_stratified_tau_counts_pairs_within_seeds_only():
 
 
 def test_permutation_p_value_and_interval():
-    from orchestrator.selection import permutation_p_value, stratified_tau_interval
+    from orchestrator.selection_stats import permutation_p_value, stratified_tau_interval
 
     val = [list(range(8)), list(range(8)), list(range(8))]
     agree = [[v + 0.1 * k for v in range(8)] for k in range(3)]

@@ -148,7 +148,7 @@ def test_model_store_spool_and_sample_maps_on_the_bucket(services, tmp_path, mon
     from orchestrator.config import resolve_method_config
     from orchestrator.data import DataSpec
     from orchestrator.storage import Storage
-    from orchestrator.store import ModelStore, model_key, prune
+    from orchestrator.model_store import ModelStore, model_key, prune
     from orchestrator.visualize import save_sample_maps
 
     for name, value in services.s3_env.items():

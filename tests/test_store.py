@@ -8,7 +8,7 @@ import torch
 from orchestrator.config import resolve_method_config
 from orchestrator.data import DataSpec
 from orchestrator.files import publish_folder
-from orchestrator.store import PROJECT_ROOT, ModelStore, code_files, code_version, model_key
+from orchestrator.model_store import PROJECT_ROOT, ModelStore, code_files, code_version, model_key
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_publish_folder_replaces_an_incomplete_one(tmp_path):
 
 def test_model_key_covers_every_training_input(tmp_path, monkeypatch):
     """DDP world size, the libraries' versions, the dataset's files, the backbone's weight file."""
-    from orchestrator import store
+    from orchestrator import model_store
 
     root = tmp_path / "data"
     (root / "bottle" / "train" / "good").mkdir(parents=True)
@@ -97,13 +97,13 @@ def test_model_key_covers_every_training_input(tmp_path, monkeypatch):
     key = model_key("transfusion", config, data, ["bottle"]).key
     assert model_key("transfusion", config, data, ["bottle"], workers=2).key != key
     image.write_bytes(b"changed")  # same name, other size: another dataset
-    store.dataset_manifest.cache_clear()
+    model_store.dataset_manifest.cache_clear()
     changed = model_key("transfusion", config, data, ["bottle"]).key
     assert changed != key
-    monkeypatch.setattr(store, "package_versions", lambda: {"torch": "0.0", "diffusers": "0.0"})
+    monkeypatch.setattr(model_store, "package_versions", lambda: {"torch": "0.0", "diffusers": "0.0"})
     assert model_key("transfusion", config, data, ["bottle"]).key != changed
     drdc = resolve_method_config("drdc", "smoke")  # its backbone is a training input
     with_backbone = model_key("drdc", drdc, data, ["bottle"])
     assert with_backbone.inputs["backbone_file"].startswith(f"{drdc.backbone}: ")
-    monkeypatch.setattr(store, "backbone_file_identity", lambda name: f"{name}: another file")
+    monkeypatch.setattr(model_store, "backbone_file_identity", lambda name: f"{name}: another file")
     assert model_key("drdc", drdc, data, ["bottle"]).key != with_backbone.key

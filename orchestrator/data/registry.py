@@ -14,7 +14,7 @@ from typing import Protocol
 from orchestrator.data.btad import btad
 from orchestrator.data.dagm import DagmDataset
 from orchestrator.data.folder import FolderDataset
-from orchestrator.data.generality import GeneralityDataset
+from orchestrator.data.generality_set import GeneralityDataset
 from orchestrator.data.mvtec import CategoryFiles, MVTecLayout
 from orchestrator.data.synthetic import SyntheticDataset
 from orchestrator.data.visa import VisaDataset

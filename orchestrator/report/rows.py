@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import search_space as spaces
-from orchestrator import selection as stats
+from orchestrator import selection_stats as stats
 from orchestrator.config import config_to_dict, param_text, resolve_method_config
 from orchestrator.report.sweeps import PAPER_METRICS, Selection, Sweep, _text, all_sweeps, dataset_title, select
 from orchestrator.results import metric_name
@@ -197,7 +197,7 @@ def seeds_of(combined: Combined, row: str, key: str = "det") -> int:
 
 def noise_mark(combined: Combined, row: str, default: str | None, key: str = "det") -> str:
     """Whether a row's Δ to the default row is beyond the seed noise (see
-    :func:`orchestrator.selection.noise_verdict`); "" for the default row itself."""
+    :func:`orchestrator.selection_stats.noise_verdict`); "" for the default row itself."""
     if default is None or row == default or row not in combined.rows or default not in combined.rows:
         return ""
     delta = combined.mean(row, key) - combined.mean(default, key)

@@ -14,7 +14,7 @@ Layout: ``<storage_path>/models/<key>/versions/<version>/{model.pt, meta.json}``
 an object store (orchestrator/storage.py); every write is atomic, so a reader never sees
 half a model.
 
-    python -m orchestrator.store prune storage_path=ray_results   # drop unreferenced versions, finished Train folders
+    python -m orchestrator.model_store prune storage_path=ray_results   # drop unreferenced versions, finished Train folders
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class ModelStore:
     meta.json (a version without one is incomplete and never loaded), then moves
     ``current`` (one atomic write), so a reader always loads a complete model and
     ``retrain=true`` replaces what later trials load. Versions no pointer names are
-    removed by ``python -m orchestrator.store prune``."""
+    removed by ``python -m orchestrator.model_store prune``."""
 
     def __init__(self, storage: str | Path | Storage):
         self.storage = storage if isinstance(storage, Storage) else Storage(storage)
@@ -212,7 +212,7 @@ class ModelStore:
             found = self.storage.read_text(marker).strip()
             if found != str(SCHEMA):
                 raise ConfigError(f"model store {self.storage.join('models')} has schema {found}, this code reads {SCHEMA}; "
-                                  "use another storage_path or run `python -m orchestrator.store prune` from the matching version")
+                                  "use another storage_path or run `python -m orchestrator.model_store prune` from the matching version")
         else:
             self.storage.write_text(marker, f"{SCHEMA}\n")
 
@@ -313,7 +313,7 @@ def newest_mtime(storage: Storage, rel: str) -> float:
 
 def prune(storage_path: str | Path, min_age_s: float = 3600.0) -> list[str]:
     """Unreferenced model versions, and the Ray Train folders (checkpoints) of every model
-    that is published: what ``python -m orchestrator.store prune`` removes."""
+    that is published: what ``python -m orchestrator.model_store prune`` removes."""
     store = ModelStore(storage_path)
     removed = store.prune(min_age_s)
     published = {key[:16] for key in store.published()}
@@ -326,11 +326,11 @@ def prune(storage_path: str | Path, min_age_s: float = 3600.0) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m orchestrator.store prune storage_path=<folder> [min_age_s=3600]"""
+    """python -m orchestrator.model_store prune storage_path=<folder> [min_age_s=3600]"""
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv)[1:] if "=" in a)
     command = (sys.argv[1:] if argv is None else argv)[:1]
     if command != ["prune"] or set(args) - {"storage_path", "min_age_s"}:
-        print("usage: python -m orchestrator.store prune storage_path=<folder> [min_age_s=3600]", file=sys.stderr)
+        print("usage: python -m orchestrator.model_store prune storage_path=<folder> [min_age_s=3600]", file=sys.stderr)
         return 2
     removed = prune(args.get("storage_path", "ray_results"), float(args.get("min_age_s", 3600)))
     for path in removed:
