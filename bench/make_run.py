@@ -36,7 +36,8 @@ def main() -> int:
     with open(work / "reports" / "ablations" / "transfusion_steps.csv") as handle:
         rows = [{k: row[k] for k in COLUMNS} for row in csv.DictReader(handle)]
     out = {"bench": "make_run", "command": "python -m orchestrator.sweep ablation=transfusion_steps", "seconds": round(seconds),
-           "measured_on": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "rows": rows}
+           "measured_on": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores",
+           "load_average_1min_at_end": round(os.getloadavg()[0], 2), "rows": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{seconds:.0f} s; results: {RESULTS}")

@@ -55,6 +55,7 @@ def cluster_schedule() -> str:
             ["(b) slot-time free while a job was ready", pct(m["free_while_ready"]), f"<= {100 * goals['measured_free_while_ready']:.0f} %"],
             ["(c) start-up per training (grant to first line of training)",
              f"{m['startup_s']:.1f} s = {100 * m['startup_s'] / m['train_s']:.1f} % of a training", "< 10 % of a training"],
+            ["machine load average (1 min) at the end", f"{m.get('load_average_1min_at_end', 'not recorded')} on {m.get('cpus', '?')} CPUs", ""],
         ]))
     sims = r.get("simulated", [])
     if sims:
@@ -82,7 +83,8 @@ def make_run() -> str:
     r = load("make_run")
     body = [[row["Condition"], row["Synthetic Det."], row["Synthetic Loc."], row["Synthetic val"], row["Synthetic img/s"]] for row in r["rows"]]
     return (rows(["Condition", "Det.", "Loc.", "val (pixel AP)", "img/s"], body)
-            + f"\n`{r['command']}` from empty storage: {r['seconds'] // 60} min {r['seconds'] % 60} s ({r['machine']}, {r['measured_on']}).\n")
+            + f"\n`{r['command']}` from empty storage: {r['seconds'] // 60} min {r['seconds'] % 60} s ({r['machine']}, load average "
+              f"{r.get('load_average_1min_at_end', 'not recorded')} at the end, {r['measured_on']}).\n")
 
 
 def learning() -> str:
