@@ -125,7 +125,7 @@ def test_pyarrow_reaches_the_bucket(services, monkeypatch):
 
 def test_runs_survive_an_mlflow_server_restart(services, tmp_path):
     experiment = f"services-restart-{uuid.uuid4().hex[:8]}"
-    _, run_id = _record_run(services, tmp_path, experiment)
+    sweep, run_id = _record_run(services, tmp_path, experiment)
     url = services.tracking_uri
 
     services.mlflow.stop()
@@ -135,7 +135,7 @@ def test_runs_survive_an_mlflow_server_restart(services, tmp_path):
     assert services.tracking_uri == url  # same port: clients keep their URI
     run = tracking.client(url).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["val_image_auroc"] == 0.75
-    assert tracking.sweep_experiment(url, "services-sweep") is not None
+    assert tracking.sweep_experiment(url, sweep.key) == experiment  # the sweep's parent run is found again
     assert tracking.artifact_paths(url, run_id, "reports") == ["reports/report.md"]
 
 
