@@ -4,7 +4,6 @@ another evaluates. Two real processes joined by torch.distributed (gloo), as Ray
 workers are; no Ray here (the sweep-level test is in tests/test_faults.py)."""
 
 import dataclasses
-import socket
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from orchestrator.config import resolve_method_config
 from orchestrator.data import DataSpec
+from tests.services import free_ports
 from orchestrator.training import (EvaluationSettings, Shard, build_model, calibrate_on_validation_normals, evaluate_model, load_datas,
                                    predict_split)
 
@@ -23,12 +23,6 @@ pytestmark = pytest.mark.slow  # two processes importing torch, and an MDPS eval
 # equal results across shardings show that every batch draws from its own seeded stream.
 METHOD, OVERRIDES = "mdps", {"steps": 2, "num_samples": 1, "mask_num_samples": 1}
 SETTINGS = EvaluationSettings(batch_size=8, seed=3, latency_images=3, sample_maps=0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def setup(cache_dir):
@@ -64,7 +58,7 @@ def test_two_ranks_give_the_single_rank_metrics(cache_dir, tmp_path):
     finally:
         torch.set_num_threads(threads)
     out = tmp_path / "rank0.pt"
-    mp.spawn(rank_main, args=(2, f"tcp://127.0.0.1:{free_port()}", str(cache_dir), str(out)), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(2, f"tcp://127.0.0.1:{free_ports(1)[0]}", str(cache_dir), str(out)), nprocs=2, join=True)
     sharded = torch.load(out, weights_only=False)
     np.testing.assert_allclose(sharded["maps"], alone.maps, atol=1e-6)
     np.testing.assert_allclose(sharded["scores"], alone.scores, atol=1e-6)
