@@ -67,17 +67,24 @@ def pss_mib(pid: int) -> float:
 
 
 def title(pid: int) -> str:
-    """What a process is: Ray's title for its workers (``ray::run_trial``, ``ray::TrainController``,
-    ``ray::IDLE``, ...), else its program's name."""
+    """What a process is: Ray's title for its workers (``TrainController``, ``IDLE``, ...), a
+    Python program's module or script, else its executable's name (``raylet``, ``gcs_server``)."""
     try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        words = [w.decode(errors="replace") for w in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if w]
     except OSError:
         return "?"
-    first = words[0].decode(errors="replace")
+    if not words:
+        return "?"
+    first = words[0]
     if first.startswith("ray::"):
-        return first.split()[0].split(".")[0]
-    program = next((w.decode(errors="replace") for w in words if w.endswith(b".py") or b"/" not in w), first)
-    return Path(program).name or first
+        return first.split()[0].split(".")[0].removeprefix("ray::")
+    if first.startswith("ray-dashboard-"):  # the dashboard's module processes retitle themselves
+        return "dashboard module"
+    if Path(first.split()[0]).name.startswith("python"):
+        if "-m" in words[1:-1]:
+            return "python -m " + words[words.index("-m") + 1]
+        return next((Path(w).name for w in words[1:] if w.endswith(".py")), "python")
+    return Path(first.split()[0]).name
 
 
 def node_pids(node) -> list[int]:

@@ -6,6 +6,12 @@ import pytest
 
 # Keep the CPU tests predictable on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One Ray authentication mode for the whole session. Ray reads the mode once per process, and
+# since 2.59 a local cluster turns token auth on by itself once ~/.ray/auth_token exists (an
+# earlier `ray start` may have written it). A test that connects to a test head (started with
+# auth disabled) and a later test that starts an in-process cluster would otherwise disagree:
+# the second one's GCS refuses this process ("InvalidAuthToken ... RAY_AUTH_MODE is 'disabled'").
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session")

@@ -109,7 +109,13 @@ class RayHead(RayNode):
                           f"--dashboard-port={self.dashboard_port}", *([f"--resources={resources}"] if resources else [])], env,
                          gcs=f"127.0.0.1:{self.port}")
         self.nodes: list[RayNode] = []
-        self.job_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}"}
+        self.job_env = {**env, "RAY_ADDRESS": self.dashboard}
+
+    @property
+    def dashboard(self) -> str:
+        """The job and state API; name it explicitly: without an address Ray's clients look for
+        /tmp/ray/ray_current_cluster, which another (dead) cluster may have left behind."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     @property
     def gcs(self) -> str:

@@ -81,7 +81,7 @@ def test_job_on_two_nodes_with_object_storage_and_mlflow_server(cluster, service
     assert not (ROOT / "s3:").exists()
 
 
-def test_asha_on_two_nodes_stops_trials_and_leaves_no_placement_group(cluster, services, cache_dir, tmp_path, monkeypatch):
+def test_asha_on_two_nodes_stops_trials_and_leaves_no_placement_group(cluster, services, cache_dir, tmp_path):
     """The ASHA scenario of tests/test_faults.py submitted to the two-node cluster: stopped
     trials are finished trials, and no stopped trial's Train placement group is left on
     either node."""
@@ -104,7 +104,6 @@ def test_asha_on_two_nodes_stops_trials_and_leaves_no_placement_group(cluster, s
     check_asha_sweep(mine, int(stopped.group(1)))
     import ray
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the test head was started
     ray.init(address=cluster.gcs)
     try:
         alive = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
@@ -113,7 +112,7 @@ def test_asha_on_two_nodes_stops_trials_and_leaves_no_placement_group(cluster, s
         from ray.util.state import list_actors
 
         head = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("node:__internal_head__"))
-        drivers = [a for a in list_actors(limit=10_000, detail=True, raise_on_missing_output=False)
+        drivers = [a for a in list_actors(cluster.dashboard, limit=10_000, detail=True, raise_on_missing_output=False)
                    if a.class_name in ("SweepScheduler", "ImplicitFunc", "TrainController")]
     finally:
         ray.shutdown()
