@@ -119,15 +119,26 @@ def run(tokens: list[str]) -> dict[str, Any]:
     resumed = ray_backend.latest_sweep(storage, prefix) if s.resume else None
     if s.resume and resumed is None:
         raise ConfigError(f"resume=true but no restorable sweep {prefix}-* under {storage.join('sweeps')}; run without resume=true")
-    sweep_name = resumed or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-
     # The sweep's lease says its driver is alive (a second driver of the same sweep is
     # refused); runs of sweeps on this storage whose lease expired (SIGKILL) are closed.
-    lease = Lease(storage, f"sweep-{sweep_name}", owner=f"{socket.gethostname()}/{os.getpid()}")
-    if not lease.acquire():
-        holder = lease.read()
-        raise ConfigError(f"sweep {sweep_name} is running (driver {holder.host if holder else '?'} pid {holder.pid if holder else '?'}); "
-                          "wait for it or stop it first")
+    owner = f"{socket.gethostname()}/{os.getpid()}"
+    if resumed:
+        sweep_name, lease = resumed, Lease(storage, f"sweep-{resumed}", owner=owner)
+        if not lease.acquire():
+            holder = lease.read()
+            raise ConfigError(f"sweep {sweep_name} is running (driver {holder.host if holder else '?'} pid {holder.pid if holder else '?'}); "
+                              "wait for it or stop it first")
+    else:
+        # A new sweep takes the first free name of its second: another cluster on this
+        # storage may have started the same ablation in the same second (-2, -3, ... sort after it).
+        stamp = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1, 100):
+            sweep_name = stamp if n == 1 else f"{stamp}-{n}"
+            lease = Lease(storage, f"sweep-{sweep_name}", owner=owner)
+            if lease.acquire():
+                break
+        else:
+            raise ConfigError(f"99 sweeps named {stamp}* are running on {s.storage_path}; wait a second and submit again")
     lease.hold()
     try:
         return run_sweep(sweep, tokens, storage, sweep_name, resumed is not None, splits)

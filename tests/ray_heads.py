@@ -72,7 +72,13 @@ class RayNode:
         # cleaner, the State API) read <RAY_TMPDIR>/ray/ray_current_cluster, else scan the
         # machine: with two clusters up (two tests, a bench) they would reach the other one
         # and leave placement groups behind. RAY_TMPDIR reaches the raylet and its workers.
-        started = ray_cli("start", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}", "--disable-usage-stats",
+        # Ports Ray would otherwise take at fixed defaults (the dashboard agent's HTTP port
+        # 52365, the client server's 10001): a second head on the machine could not bind them,
+        # and its job API would answer "No available agent to submit job" for ever.
+        agent, agent_grpc, metrics, runtime_env_agent, client = free_ports(5)
+        ports = [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                 f"--runtime-env-agent-port={runtime_env_agent}", *([f"--ray-client-server-port={client}"] if "--head" in args else [])]
+        started = ray_cli("start", *args, *ports, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}", "--disable-usage-stats",
                           env={**env, "RAY_TMPDIR": str(self.temp)})
         if started.returncode != 0:
             self.stop()
