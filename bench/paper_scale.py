@@ -179,13 +179,14 @@ def measure_call(call: Callable[[], None], warmup: bool) -> dict[str, Any]:
     """Seconds and peak RSS growth (MiB) of one call, after one untimed warm-up call if asked."""
     if warmup:
         call()
-    before = _status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         how = "VmHWM"
     except OSError:
         how = "ru_maxrss (upper bound)"
+    # Read after the reset: memory freed in between would otherwise count against the call.
+    before = _status_kib("VmRSS")
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
