@@ -275,6 +275,7 @@ def synthetic_tree(out: Path) -> Path:
     return out
 
 
+@pytest.mark.cluster_faults  # not in CI yet: make test-cluster-faults (docs/testing.md)
 @pytest.mark.timeout(1200)  # 340 s measured alone on 2 cores
 def test_two_clusters_on_one_bucket_train_each_model_once_and_take_over_a_dead_ones(services, tmp_path, cache_dir):
     """Two Ray clusters (two heads, as two RayJobs would have) share one bucket and mount
@@ -333,6 +334,7 @@ def test_two_clusters_on_one_bucket_train_each_model_once_and_take_over_a_dead_o
             head.stop()
 
 
+@pytest.mark.cluster_faults  # not in CI yet: make test-cluster-faults (docs/testing.md)
 @pytest.mark.timeout(900)  # 271 s measured alone on 2 cores
 def test_a_lost_worker_node_resumes_the_training_on_the_other(services, tmp_path, cache_dir):
     """The node running a training is lost (its raylet and workers killed): Ray Train
@@ -382,13 +384,14 @@ def head_job_status(head: RayHead, job: str) -> str:
     return next((s for s in ("succeeded", "failed", "stopped", "running", "pending") if s in out), "?")
 
 
-@pytest.mark.timeout(1200)  # about 160 s measured alone on 2 cores
+@pytest.mark.cluster_faults  # not in CI yet: make test-cluster-faults (docs/testing.md)
+@pytest.mark.timeout(1500)  # about 160 s measured alone on 2 cores
 def test_job_stop_and_a_lost_head_end_the_sweep_and_resume_finishes_it(services, tmp_path, cache_dir):
     """`ray job stop` ends a sweep as SIGTERM does: runs KILLED, leases released, and
     `resume=true` goes on. A lost head (no GCS fault tolerance) ends its cluster: on a new
     head `resume=true` trains nothing twice, continues from the checkpoints and finishes."""
     storage = tmp_path / "storage"  # a folder both heads see, as a cluster's shared volume
-    env = {**os.environ, **services.s3_env, "RAY_JOB_STOP_WAIT_TIME_S": "120"}  # time for Tune to save its state
+    env = {**os.environ, **services.s3_env, "RAY_JOB_STOP_WAIT_TIME_S": "300"}  # time for Tune to save its state (120 s was too little on a loaded 2-core machine)
     args = ["ablation=transfusion_final_mask", "categories=[washer]", f"data.cache_dir={cache_dir}", f"storage_path={storage}",
             f"tracking_uri={services.tracking_uri}", "method.epochs=12", "method.steps=5", "checkpoint_every_s=1",
             "latency_images=1", "sample_maps=1", "max_concurrent=1"]
